@@ -1,0 +1,252 @@
+"""The subject catalogue: every NATS subject, KV bucket and stream the system uses, and who may use it.
+
+Per-session subjects come in two shapes, and the shape is what lets a stage follow a session with
+few consumers on nats-server 2.9 (one filter subject per consumer):
+
+- ``vb.<session>.<channel>``: conversation events (speech, transcripts, turns, replies, playout,
+  control, timing, errors). Low rate. A stage follows all of them, in stream order, with one
+  consumer on ``vb.<session>.*``.
+- ``vb.<session>.audio.in|out`` and ``vb.<session>.media.in|out``: audio, 50 frames a second. A stage
+  consumes only the audio subject it needs.
+
+VAD events are published twice: in-band on ``audio.in`` (STT needs them ordered with the frames) and on
+``speech`` (egress and dialogue react to them without taking the audio).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from proto import events as ev
+from proto import system
+
+PREFIX = "vb"
+SYSTEM_PREFIX = "vbsys"
+
+#: JetStream stream that records every session's events (all but the paced copy on media.out).
+EVENTS_STREAM = "VB_EVENTS"
+#: KV buckets: open sessions, per-stage owners, replica leases, per-stage session state.
+SESSIONS_BUCKET = "vb_sessions"
+OWNERS_BUCKET = "vb_owners"
+REPLICAS_BUCKET = "vb_replicas"
+STATE_BUCKET = "vb_state"
+
+EDGE = "edge"
+"""Producer name for whatever opens sessions and feeds caller media: gateway, virtual caller, replay."""
+
+
+@dataclass(frozen=True, slots=True)
+class Channel:
+    """One per-session subject: what travels on it, who produces and who consumes it."""
+
+    name: str
+    events: tuple[type[ev.Event], ...]
+    producers: tuple[str, ...]
+    consumers: tuple[str, ...]
+    description: str
+    recorded: bool = True
+    max_bytes: int = 128 * 1024
+
+    def subject(self, session: str) -> str:
+        """The subject of this channel for one session."""
+        return f"{PREFIX}.{session}.{self.name}"
+
+    @property
+    def pattern(self) -> str:
+        """The subject with a wildcard for the session, as used in permissions and the stream."""
+        return f"{PREFIX}.*.{self.name}"
+
+    @property
+    def is_media(self) -> bool:
+        """Media channels have two tokens after the session; conversation channels have one."""
+        return "." in self.name
+
+
+_ALL_STAGES = ev.STAGES
+
+MEDIA_IN = Channel(
+    "media.in",
+    (ev.CallerAudio,),
+    producers=(EDGE,),
+    consumers=("ingress",),
+    description="Raw caller audio from a media edge (virtual caller, replay, bus-attached gateway).",
+    max_bytes=100_000,
+)
+MEDIA_OUT = Channel(
+    "media.out",
+    (ev.AgentAudioFrame,),
+    producers=("egress",),
+    consumers=(EDGE,),
+    description="The agent's audio as egress plays it out, paced in real time, for a bus-attached edge.",
+    recorded=False,
+    max_bytes=100_000,
+)
+AUDIO_IN = Channel(
+    "audio.in",
+    (ev.UserAudioFrame, ev.SpeechStarted, ev.SpeechStopped),
+    producers=("ingress",),
+    consumers=("stt",),
+    description="Caller audio as 20 ms 16 kHz frames, with the VAD's speech events in-band.",
+    max_bytes=4_096,
+)
+AUDIO_OUT = Channel(
+    "audio.out",
+    (ev.AgentAudioFrame, ev.AgentAudioEnd),
+    producers=("tts",),
+    consumers=("egress",),
+    description="The agent's synthesised voice as 20 ms frames at the session's output rate.",
+    max_bytes=100_000,
+)
+SPEECH = Channel(
+    "speech",
+    (ev.SpeechStarted, ev.SpeechStopped),
+    producers=("ingress",),
+    consumers=("egress", "dialogue"),
+    description="Voice activity of the caller: egress pauses on it, dialogue decides barge-ins.",
+)
+TRANSCRIPT = Channel(
+    "transcript",
+    (ev.Transcript,),
+    producers=("stt",),
+    consumers=("dialogue",),
+    description="Partial and final transcripts of the caller's speech segments.",
+)
+TURN = Channel(
+    "turn",
+    (ev.UserTurnEnded,),
+    producers=("stt",),
+    consumers=("dialogue", "ingress"),
+    description="End of the caller's turn, with the whole turn's text.",
+)
+REPLY = Channel(
+    "reply",
+    (ev.ReplyChunk,),
+    producers=("dialogue",),
+    consumers=("tts",),
+    description="The agent's reply in speakable chunks, streamed as the LLM writes it.",
+)
+PLAYOUT = Channel(
+    "playout",
+    (ev.PlayoutStarted, ev.PlayoutPaused, ev.PlayoutResumed, ev.PlayoutStopped),
+    producers=("egress",),
+    consumers=("dialogue",),
+    description="What the caller actually heard of each reply, and when.",
+)
+CONTROL = Channel(
+    "control",
+    (ev.SessionStarted, ev.SessionEnded, ev.Interrupt, ev.Resume, ev.Cancel, ev.ControlAck),
+    producers=(EDGE, *_ALL_STAGES),
+    consumers=_ALL_STAGES,
+    description="Session lifecycle and interruption commands, broadcast to every stage, and their acks.",
+)
+TIMING = Channel(
+    "timing",
+    (ev.TurnMark,),
+    producers=_ALL_STAGES,
+    consumers=(EDGE,),
+    description="Points on each turn's timeline (per-turn latency table, benchmark phase split).",
+)
+ERROR = Channel(
+    "error",
+    (ev.ErrorEvent,),
+    producers=_ALL_STAGES,
+    consumers=(EDGE,),
+    description="Errors a stage met while serving the session (bad input, provider failures).",
+)
+
+CHANNELS: tuple[Channel, ...] = (
+    MEDIA_IN,
+    MEDIA_OUT,
+    AUDIO_IN,
+    AUDIO_OUT,
+    SPEECH,
+    TRANSCRIPT,
+    TURN,
+    REPLY,
+    PLAYOUT,
+    CONTROL,
+    TIMING,
+    ERROR,
+)
+BY_NAME: dict[str, Channel] = {c.name: c for c in CHANNELS}
+
+
+def conversation(session: str) -> str:
+    """All conversation channels of a session (one consumer, stream order)."""
+    return f"{PREFIX}.{session}.*"
+
+
+def session_all(session: str) -> str:
+    """Every subject of a session, media included."""
+    return f"{PREFIX}.{session}.>"
+
+
+def recorded_patterns() -> list[str]:
+    """Subjects the events stream records.
+
+    Every conversation channel, as one wildcard (a consumer on ``vb.<session>.*`` must be a subset of a
+    single stream subject), and the media channels with ``recorded`` set.
+    """
+    assert all(c.recorded for c in CHANNELS if not c.is_media)
+    return [f"{PREFIX}.*.*", *(c.pattern for c in CHANNELS if c.is_media and c.recorded)]
+
+
+def parse(subject: str) -> tuple[str, Channel]:
+    """Split a per-session subject into session id and channel; KeyError if it is not one."""
+    parts = subject.split(".", 2)
+    if len(parts) != 3 or parts[0] != PREFIX:
+        raise KeyError(subject)
+    return parts[1], BY_NAME[parts[2]]
+
+
+@dataclass(frozen=True, slots=True)
+class SystemSubject:
+    """A subject outside any session: request/reply between the session opener and stage replicas."""
+
+    name: str
+    request: type[system.SystemMessage]
+    reply: type[system.SystemMessage] | None
+    description: str
+
+    def subject(self, stage: str) -> str:
+        """The subject for one stage's replicas."""
+        return f"{SYSTEM_PREFIX}.{self.name}.{stage}"
+
+
+CLAIM = SystemSubject(
+    "claim",
+    system.ClaimRequest,
+    system.ClaimReply,
+    "Ask one replica of a stage (queue group = stage) to take ownership of a new session.",
+)
+SYSTEM_SUBJECTS: tuple[SystemSubject, ...] = (CLAIM,)
+
+
+def owner_key(stage: str, session: str) -> str:
+    """Key of a session's owner record in the owners bucket."""
+    return f"{stage}.{session}"
+
+
+def replica_key(stage: str, replica: str) -> str:
+    """Key of a replica's lease in the replicas bucket."""
+    return f"{stage}.{replica}"
+
+
+def state_key(stage: str, session: str) -> str:
+    """Key of a stage's saved state for a session in the state bucket."""
+    return f"{stage}.{session}"
+
+
+def kv_stream(bucket: str) -> str:
+    """The JetStream stream behind a KV bucket (NATS convention)."""
+    return f"KV_{bucket}"
+
+
+def kv_subject(bucket: str, key: str) -> str:
+    """The subject a KV bucket stores ``key`` under (NATS convention; ``key`` may hold wildcards)."""
+    return f"$KV.{bucket}.{key}"
+
+
+def queue_group(stage: str) -> str:
+    """The queue group a stage's replicas share for claims."""
+    return f"vb-{stage}"

@@ -1,0 +1,76 @@
+"""Messages and records outside a session's event stream: claims, ownership, replica leases.
+
+Ownership works without per-message TTLs (nats-server 2.9): each replica keeps one lease in the
+replicas bucket alive with heartbeats; a session's owner record names the replica that holds it and
+the claim's epoch. Peers watch the leases; when a holder's heartbeats stop for the lease time, they
+race to rewrite its owner records with a compare-and-set on the record's revision, so exactly one wins.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+from proto.events import SessionId, SessionSpec
+
+
+class SystemMessage(msgspec.Struct, kw_only=True, frozen=True):
+    """Base of messages and records outside a session's event stream."""
+
+
+class ClaimRequest(SystemMessage, kw_only=True, frozen=True):
+    """Sent to a stage's queue group: one replica should take the session."""
+
+    spec: SessionSpec
+
+
+class ClaimReply(SystemMessage, kw_only=True, frozen=True):
+    """The replica that took (or already held) the session, and the claim's epoch."""
+
+    session: SessionId
+    stage: str
+    replica: str
+    epoch: Annotated[int, Meta(ge=0)]
+    ok: bool = True
+    reason: str = ""
+
+
+class OwnerRecord(SystemMessage, kw_only=True, frozen=True):
+    """Who holds a session for one stage. ``replica`` is empty while the session is being handed over."""
+
+    session: SessionId
+    stage: str
+    replica: str
+    epoch: Annotated[int, Meta(ge=0)]
+    claimed_ts: Annotated[int, Meta(ge=0)]
+
+
+class ReplicaLease(SystemMessage, kw_only=True, frozen=True):
+    """A replica's heartbeat: while it keeps arriving, the replica holds its sessions."""
+
+    stage: str
+    replica: str
+    host: str
+    pid: int
+    started_ts: Annotated[int, Meta(ge=0)]
+    beat_ts: Annotated[int, Meta(ge=0)]
+    sessions: Annotated[int, Meta(ge=0)] = 0
+    draining: bool = False
+
+
+class Checkpoint(SystemMessage, kw_only=True, frozen=True):
+    """A stage's saved state for a session, and how far into the session's events it reflects.
+
+    A replica taking the session over restores ``state`` (msgpack of the stage's own state record in
+    ``proto.state``) and resumes its feeds after ``events_seq`` and ``media_seq`` (stream sequences).
+    """
+
+    session: SessionId
+    stage: str
+    epoch: Annotated[int, Meta(ge=0)]
+    events_seq: Annotated[int, Meta(ge=0)] = 0
+    media_seq: Annotated[int, Meta(ge=0)] = 0
+    state: bytes = b""
+    saved_ts: Annotated[int, Meta(ge=0)] = 0

@@ -1,0 +1,81 @@
+"""Fixtures shared by every test: a real nats-server with JetStream, a bus, stacks of stage processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from services.runtime.bus import Bus
+from services.runtime.config import RuntimeConfig, load
+from services.tools.stack import Stack
+from tests.support.nats import ContainerNats, NatsServer, make_server
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[NatsServer | ContainerNats]:
+    """One nats-server (JetStream on) for the test session; tests may kill and restart it."""
+    server = make_server()
+    server.start()
+    yield server
+    server.stop()
+
+
+def runtime_config(url: str, **overrides: object) -> RuntimeConfig:
+    """Runtime settings for test processes: the test server, short leases."""
+    return load(RuntimeConfig, environ={}, nats_url=url, **overrides)
+
+
+@pytest.fixture(scope="session")
+async def bus(nats_server: NatsServer | ContainerNats) -> AsyncIterator[Bus]:
+    """An edge-side bus connection (what a gateway or the virtual caller holds)."""
+    connected = await Bus.connect(runtime_config(nats_server.url), "edge", "test")
+    yield connected
+    await connected.close()
+
+
+@pytest.fixture
+def session_id(request: pytest.FixtureRequest) -> str:
+    """A session id unique to the test."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def stack(nats_server: NatsServer | ContainerNats, tmp_path: Path) -> Iterator[Stack]:
+    """Stage processes started by the test, stopped (SIGTERM, then SIGKILL) after it."""
+    s = Stack(
+        nats_url=nats_server.url,
+        log_dir=tmp_path / "logs",
+        env={"VB_LEASE_TTL": "1.0", "VB_HEARTBEAT": "0.25", "PYTHONPATH": str(ROOT)},
+    )
+    yield s
+    s.stop(timeout_s=15)
+
+
+def _ours(task: asyncio.Task[object]) -> bool:
+    """Tasks of the code under test, not the NATS client's own (it restarts them on reconnect)."""
+    code = getattr(task.get_coro(), "cr_code", None)
+    return code is None or f"{os.sep}nats{os.sep}" not in code.co_filename
+
+
+@pytest.fixture(autouse=True)
+async def no_leftover_tasks() -> AsyncIterator[None]:
+    """Fail a test that leaves tasks of its own running."""
+    before = asyncio.all_tasks()
+    yield
+    left = [
+        t
+        for t in asyncio.all_tasks() - before
+        if not t.done() and t is not asyncio.current_task() and _ours(t)
+    ]
+    for _ in range(20):  # give cancelled tasks a few loop turns to finish
+        if not (left := [t for t in left if not t.done()]):
+            break
+        await asyncio.sleep(0)
+    assert not left, f"tasks left running: {[t.get_name() for t in left]}"

@@ -1,0 +1,74 @@
+"""Watch a session's events from a test: every subject of the session, decoded, in arrival order."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from proto import codec
+from proto import events as ev
+from proto import subjects as sj
+from services.runtime.bus import Bus
+
+E = TypeVar("E", bound=ev.Event)
+
+
+class Tap:
+    """Collects every event of a session (core subscription on ``vb.<session>.>``)."""
+
+    def __init__(self, bus: Bus, session: str) -> None:
+        self.bus, self.session = bus, session
+        self.events: list[tuple[str, ev.Event, float]] = []
+        self.refused: list[tuple[str, str]] = []
+        self._changed = asyncio.Condition()
+        self._sub: Subscription | None = None
+
+    async def __aenter__(self) -> Tap:
+        self._sub = await self.bus.nc.subscribe(sj.session_all(self.session), cb=self._on_msg)
+        await self.bus.nc.flush()
+        return self
+
+    async def __aexit__(self, *_: Any) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+
+    async def _on_msg(self, msg: Msg) -> None:
+        try:
+            event = codec.decode(msg.subject, msg.data)
+        except codec.ContractError as e:
+            self.refused.append((msg.subject, str(e)))
+            return
+        self.events.append((msg.subject, event, time.monotonic()))
+        async with self._changed:
+            self._changed.notify_all()
+
+    def of(self, kind: type[E], where: Callable[[E], bool] = lambda _: True) -> list[E]:
+        """Events of ``kind`` seen so far that satisfy ``where``."""
+        return [e for _, e, _ in self.events if isinstance(e, kind) and where(e)]
+
+    async def wait(
+        self,
+        kind: type[E],
+        where: Callable[[E], bool] = lambda _: True,
+        count: int = 1,
+        timeout: float = 10.0,
+    ) -> list[E]:
+        """Wait until ``count`` events of ``kind`` satisfying ``where`` have arrived; return them."""
+
+        async def enough() -> list[E]:
+            async with self._changed:
+                await self._changed.wait_for(lambda: len(self.of(kind, where)) >= count)
+            return self.of(kind, where)
+
+        try:
+            return await asyncio.wait_for(enough(), timeout)
+        except TimeoutError:
+            seen = [type(e).__name__ for _, e, _ in self.events][-30:]
+            raise AssertionError(
+                f"timed out waiting for {count} {kind.__name__}; last seen: {seen}"
+            ) from None

@@ -1,0 +1,232 @@
+"""The contract: every event round-trips, bad payloads are refused with the right code, the document
+matches the code, and no subject is spelled outside proto/."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proto import codec, docgen, system
+from proto import events as ev
+from proto import subjects as sj
+
+ROOT = Path(__file__).resolve().parent.parent
+EVENT_TYPES = sorted(ev.Event.__subclasses__(), key=lambda t: t.__name__)
+
+
+def strategy(t: msgspec.inspect.Type) -> st.SearchStrategy[Any]:
+    """Values of a msgspec type that satisfy its constraints (patterns, lengths, ranges)."""
+    mi = msgspec.inspect
+    match t:
+        case mi.StrType(pattern=str() as pattern):
+            return st.from_regex(pattern, fullmatch=True)
+        case mi.StrType():
+            return st.text(min_size=t.min_length or 0, max_size=min(t.max_length or 40, 40))
+        case mi.BytesType():
+            lo = t.min_length or 0
+            return st.binary(min_size=lo, max_size=max(lo, min(t.max_length or 64, 64)))
+        case mi.BoolType():
+            return st.booleans()
+        case mi.IntType():
+            return st.integers(min_value=t.ge if t.ge is not None else -(2**40), max_value=t.le or 2**62)
+        case mi.FloatType():
+            return st.floats(
+                min_value=t.ge if t.ge is not None else 0.0001 if t.gt is not None else -1e6,
+                max_value=t.le or 1e6,
+                allow_nan=False,
+            )
+        case mi.LiteralType():
+            return st.sampled_from(t.values)
+        case mi.VarTupleType():
+            return st.lists(strategy(t.item_type), max_size=3).map(tuple)
+        case mi.StructType():
+            fields = {f.name: strategy(f.type) for f in t.fields if f.required}
+            optional = {f.name: strategy(f.type) for f in t.fields if not f.required}
+            return st.fixed_dictionaries(fields, optional=optional).map(lambda d: t.cls(**d))
+        case mi.UnionType():
+            return st.one_of(*[strategy(x) for x in t.types])
+        case mi.NoneType():
+            return st.none()
+    raise NotImplementedError(f"no strategy for {t}")
+
+
+def events_of(kind: type[ev.Event]) -> st.SearchStrategy[ev.Event]:
+    if kind is ev.AgentAudioFrame:  # the frame must hold exactly 20 ms at its rate
+        rates = st.sampled_from(ev.AGENT_RATES)
+        return st.builds(
+            lambda rate, pcm_byte, turn, index: ev.AgentAudioFrame(
+                session="s1",
+                turn=turn,
+                index=index,
+                chunk=0,
+                sample_rate=rate,
+                pcm=pcm_byte * ev.frame_bytes(rate),
+            ),
+            rates,
+            st.binary(min_size=1, max_size=1),
+            st.integers(0, 99),
+            st.integers(0, 9999),
+        )
+    if kind is ev.CallerAudio:  # whole samples of its channel count
+        return st.builds(
+            lambda channels, n, rate: ev.CallerAudio(
+                session="s1", pcm=b"\1\0" * channels * n, sample_rate=rate, channels=channels
+            ),
+            st.sampled_from([1, 2]),
+            st.integers(0, 960),
+            st.integers(8000, 48000),
+        )
+    return strategy(msgspec.inspect.type_info(kind))
+
+
+@pytest.mark.parametrize("kind", EVENT_TYPES, ids=lambda k: k.__name__)
+@settings(
+    max_examples=40, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much], deadline=None
+)
+@given(data=st.data())
+def test_every_event_round_trips_on_its_channels(kind: type[ev.Event], data: st.DataObject) -> None:
+    event = data.draw(events_of(kind))
+    channels = [c for c in sj.CHANNELS if kind in c.events]
+    assert channels, f"{kind.__name__} travels on no channel"
+    for channel in channels:
+        wire = codec.encode(event)
+        if len(wire) > channel.max_bytes:
+            continue
+        assert codec.decode(channel.subject(event.session), wire) == event
+    assert codec.decode_event(codec.encode(event)) == event
+
+
+def test_stamping_sets_sequence_and_time_only() -> None:
+    frame = ev.UserAudioFrame(session="s1", index=7, pcm=b"\0" * 640)
+    stamped = codec.stamp(frame, 42, 1_700_000_000_000_000_000)
+    assert (stamped.seq, stamped.ts, stamped.index, stamped.pcm) == (
+        42,
+        1_700_000_000_000_000_000,
+        7,
+        frame.pcm,
+    )
+
+
+def frame_bytes(session: str = "s1", **kw: Any) -> bytes:
+    return codec.encode(ev.UserAudioFrame(session=session, index=1, pcm=b"\0" * 640, **kw))
+
+
+@pytest.mark.parametrize(
+    ("subject", "payload", "code", "message"),
+    [
+        ("vb.s1.audio.in", b"\xc1garbage", "malformed", "undecodable"),
+        ("vb.s1.audio.in", frame_bytes()[:-5], "malformed", "truncated"),
+        ("vb.s1.audio.in", b"\0" * 5000, "oversized", "exceeds its limit"),
+        ("vb.s1.transcript", frame_bytes(), "wrong_subject", "invalid transcript event"),
+        ("vb.s2.audio.in", frame_bytes("s1"), "unknown_session", "arrived on"),
+        ("vb.s1.nope", frame_bytes(), "wrong_subject", "not a voicebus session subject"),
+        (
+            "vb.s1.audio.in",
+            codec.encode(ev.UserAudioFrame(session="s1", index=1, pcm=b"\0" * 320)),
+            "malformed",
+            "length >= 640",
+        ),
+        ("vb.s1.audio.in", frame_bytes().replace(b"\xcd>\x80", b"\xcd\x1f@"), "malformed", "sample_rate"),
+        (
+            "vb.s1.media.in",
+            codec.encode({"type": "CallerAudio", "session": "s1", "pcm": b"\0" * 3, "sample_rate": 16000}),
+            "malformed",
+            "whole s16le samples",
+        ),
+        (
+            "vb.s1.audio.out",
+            codec.encode(
+                {
+                    "type": "AgentAudioFrame",
+                    "session": "s1",
+                    "turn": 1,
+                    "index": 0,
+                    "chunk": 0,
+                    "pcm": b"\0" * 640,
+                    "sample_rate": 24000,
+                }
+            ),
+            "malformed",
+            "is not 20 ms",
+        ),
+        (
+            "vb.s1.audio.out",
+            codec.encode(
+                {
+                    "type": "AgentAudioFrame",
+                    "session": "s1",
+                    "turn": 1,
+                    "index": 0,
+                    "chunk": 0,
+                    "pcm": b"\0" * 640,
+                    "sample_rate": 11025,
+                }
+            ),
+            "malformed",
+            "Invalid enum value 11025",
+        ),
+    ],
+)
+def test_bad_payloads_are_refused_with_a_clear_code(
+    subject: str, payload: bytes, code: str, message: str
+) -> None:
+    with pytest.raises(codec.ContractError) as err:
+        codec.decode(subject, payload)
+    assert err.value.code == code
+    assert message in str(err.value)
+
+
+def test_every_event_type_has_a_channel_and_channels_do_not_overlap() -> None:
+    carried = {t for c in sj.CHANNELS for t in c.events}
+    assert carried == set(EVENT_TYPES)
+    patterns = sj.recorded_patterns()
+    assert len(patterns) == len(set(patterns))
+    conversation = [c for c in sj.CHANNELS if not c.is_media]
+    media = [c for c in sj.CHANNELS if c.is_media]
+    # a stage follows all conversation channels with one vb.<s>.* consumer and no audio comes with them
+    assert all(c.name.count(".") == 0 for c in conversation)
+    assert all(c.name.count(".") == 1 for c in media)
+
+
+def test_system_records_round_trip() -> None:
+    spec = ev.SessionSpec(session="abc")
+    for record in [
+        system.ClaimRequest(spec=spec),
+        system.ClaimReply(session="abc", stage="stt", replica="r1", epoch=3),
+        system.OwnerRecord(session="abc", stage="stt", replica="r1", epoch=3, claimed_ts=5),
+        system.ReplicaLease(stage="stt", replica="r1", host="h", pid=1, started_ts=1, beat_ts=2),
+        system.Checkpoint(session="abc", stage="stt", epoch=1, events_seq=9, state=b"\x90"),
+    ]:
+        assert codec.decode_record(type(record), codec.encode(record)) == record
+    with pytest.raises(codec.ContractError, match="invalid SessionSpec"):
+        codec.decode_record(ev.SessionSpec, codec.encode({"session": "abc", "output_rate": 12345}))
+
+
+def test_contract_document_matches_the_code() -> None:
+    assert docgen.DOCUMENT.read_text() == docgen.render(), "proto/asyncapi.json is stale: run `just proto`"
+
+
+def test_document_describes_every_channel_and_event() -> None:
+    doc = docgen.build()
+    addresses = {ch["address"] for ch in doc["channels"].values()}
+    assert {f"vb.{{session}}.{c.name}" for c in sj.CHANNELS} <= addresses
+    assert {t.__name__ for t in EVENT_TYPES} <= set(doc["components"]["schemas"])
+    pcm = doc["components"]["schemas"]["UserAudioFrame"]["properties"]["pcm"]
+    assert pcm["minLength"] == 640
+
+
+def test_no_subject_is_spelled_outside_proto() -> None:
+    literal = re.compile(r"""["'](vb|vbsys|\$KV)\.[\w{*>]""")
+    offenders = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in (ROOT / "services").rglob("*.py")
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if literal.search(line)
+    ]
+    assert not offenders, f"subject literals outside proto/: {offenders}"
