@@ -14,8 +14,8 @@ from typing import Any
 import msgspec
 
 from proto import events as ev
+from proto import state, system
 from proto import subjects as sj
-from proto import system
 
 DOCUMENT = Path(__file__).with_name("asyncapi.json")
 
@@ -31,10 +31,11 @@ def build() -> dict[str, Any]:
         ],
         key=lambda t: t.__name__,
     )
+    state_types = sorted(state.StageState.__subclasses__(), key=lambda t: t.__name__)
     _, components = msgspec.json.schema_components(
-        [*event_types, *system_types], ref_template="#/components/schemas/{name}"
+        [*event_types, *system_types, *state_types], ref_template="#/components/schemas/{name}"
     )
-    for t in [*event_types, *system_types]:
+    for t in [*event_types, *system_types, *state_types]:
         _bytes_as_msgpack_bin(t, components[t.__name__])
     messages = {
         t.__name__: {
@@ -104,7 +105,9 @@ def build() -> dict[str, Any]:
                 sj.SESSIONS_BUCKET: "session id -> SessionSpec",
                 sj.OWNERS_BUCKET: "<stage>.<session> -> OwnerRecord",
                 sj.REPLICAS_BUCKET: "<stage>.<replica> -> ReplicaLease (heartbeats)",
-                sj.STATE_BUCKET: "<stage>.<session> -> Checkpoint",
+                sj.STATE_BUCKET: "<stage>.<session> -> Checkpoint (state: one of "
+                + ", ".join(t.__name__ for t in state_types)
+                + ")",
             },
         },
     }

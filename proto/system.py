@@ -64,13 +64,13 @@ class Checkpoint(SystemMessage, kw_only=True, frozen=True):
     """A stage's saved state for a session, and how far into the session's events it reflects.
 
     A replica taking the session over restores ``state`` (msgpack of the stage's own state record in
-    ``proto.state``) and resumes its feeds after ``events_seq`` and ``media_seq`` (stream sequences).
+    ``proto.state``) and resumes each feed after its cursor: the stream sequence of the last event it
+    reflects, keyed by feed (``events`` for the conversation channels, else the media channel's name).
     """
 
     session: SessionId
     stage: str
     epoch: Annotated[int, Meta(ge=0)]
-    events_seq: Annotated[int, Meta(ge=0)] = 0
-    media_seq: Annotated[int, Meta(ge=0)] = 0
+    cursors: dict[str, Annotated[int, Meta(ge=0)]] = {}
     state: bytes = b""
     saved_ts: Annotated[int, Meta(ge=0)] = 0

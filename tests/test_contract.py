@@ -201,7 +201,7 @@ def test_system_records_round_trip() -> None:
         system.ClaimReply(session="abc", stage="stt", replica="r1", epoch=3),
         system.OwnerRecord(session="abc", stage="stt", replica="r1", epoch=3, claimed_ts=5),
         system.ReplicaLease(stage="stt", replica="r1", host="h", pid=1, started_ts=1, beat_ts=2),
-        system.Checkpoint(session="abc", stage="stt", epoch=1, events_seq=9, state=b"\x90"),
+        system.Checkpoint(session="abc", stage="stt", epoch=1, cursors={"events": 9}, state=b"\x90"),
     ]:
         assert codec.decode_record(type(record), codec.encode(record)) == record
     with pytest.raises(codec.ContractError, match="invalid SessionSpec"):

@@ -1,7 +1,7 @@
 """How a stage serves sessions: the per-session worker interface, its context, and the process runner.
 
 A stage implements ``SessionWorker``: one object per session it owns, fed the session's conversation
-events (``on_event``) and, if it names a ``media`` channel, that channel's audio (``on_media``). The
+events (``on_event``) and the audio of the ``media`` channels it names (``on_media``). The
 runtime does the rest, the same way for every stage: claims and takeovers, feeds that resume after
 the last checkpoint, bad-message handling, health, metrics, tracing, and the drain on SIGTERM.
 """
@@ -13,7 +13,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar, Generic, TypeVar
 
 import msgspec
@@ -26,11 +26,12 @@ from proto import events as ev
 from proto import subjects as sj
 from proto.system import Checkpoint
 from services.runtime import health, log, metrics, tracing
-from services.runtime.bus import Bus, Delivery
+from services.runtime.bus import Bus, Delivery, Handler
 from services.runtime.config import RuntimeConfig, default_replica_id, load
 from services.runtime.ownership import Ownership
 
 S = TypeVar("S", bound=msgspec.Struct)
+EVENTS_FEED = "events"  # cursor key of the conversation feed; media feeds use their channel's name
 logger = logging.getLogger("voicebus.runtime")
 
 
@@ -42,8 +43,8 @@ class SessionContext(Generic[S]):
         self.session = spec.session
         self.stage: ev.Stage = bus.stage  # type: ignore[assignment]
         self.restored = restored
-        self.events_seq = 0
-        self.media_seq = 0
+        #: Stream sequence of the last event handed to the worker, per feed ("events" or a media channel).
+        self.cursors: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def publish(self, channel: sj.Channel, event: ev.Event) -> ev.Event:
@@ -80,8 +81,7 @@ class SessionContext(Generic[S]):
             session=self.session,
             stage=self.stage,
             epoch=self.epoch,
-            events_seq=self.events_seq,
-            media_seq=self.media_seq,
+            cursors=dict(self.cursors),
             state=codec.encode(state),
             saved_ts=time.time_ns(),
         )
@@ -110,8 +110,8 @@ class SessionContext(Generic[S]):
 class SessionWorker(Generic[S]):
     """A stage's behaviour for one session. Override what the stage needs."""
 
-    #: The audio channel this stage consumes, if any (besides the session's conversation events).
-    media: ClassVar[sj.Channel | None] = None
+    #: Audio channels this stage consumes (besides the session's conversation events).
+    media: ClassVar[tuple[sj.Channel, ...]] = ()
 
     def __init__(self, ctx: SessionContext[S]) -> None:
         self.ctx = ctx
@@ -123,7 +123,7 @@ class SessionWorker(Generic[S]):
         """A conversation event of the session, in stream order."""
 
     async def on_media(self, event: ev.Event, delivery: Delivery) -> None:
-        """An event of the ``media`` channel, in stream order."""
+        """An event of one of the ``media`` channels (``delivery.subject`` says which), in stream order."""
 
     async def idle(self) -> None:
         """Return once no turn is in flight (drain waits for this before handing the session over)."""
@@ -254,7 +254,7 @@ class StageService:
             restored = codec.decode_record(self.state_type, checkpoint.state)
         ctx: SessionContext[Any] = SessionContext(self.bus, spec, epoch, how, restored)
         if checkpoint is not None:
-            ctx.events_seq, ctx.media_seq = checkpoint.events_seq, checkpoint.media_seq
+            ctx.cursors = dict(checkpoint.cursors)
         self.bus.set_epoch(spec.session, epoch)
         worker = self.factory(ctx)
         hosted = _Hosted(ctx, worker)
@@ -262,17 +262,11 @@ class StageService:
         metrics.sessions_owned.labels(self.stage).set(len(self.sessions))
         try:
             await worker.start()
-            hosted.subs.append(
-                await self.bus.follow(
-                    sj.conversation(spec.session), ctx.events_seq, self._events_handler(hosted)
-                )
-            )
-            if worker.media is not None:
-                hosted.subs.append(
-                    await self.bus.follow(
-                        worker.media.subject(spec.session), ctx.media_seq, self._media_handler(hosted)
-                    )
-                )
+            feeds = [(EVENTS_FEED, sj.conversation(spec.session), hosted.worker.on_event)]
+            feeds += [(c.name, c.subject(spec.session), hosted.worker.on_media) for c in worker.media]
+            for feed, subject, handler in feeds:
+                after = ctx.cursors.get(feed, 0)
+                hosted.subs.append(await self.bus.follow(subject, after, self._feed(hosted, feed, handler)))
         except Exception:
             logger.exception("could not start serving session %s; handing it back", spec.session)
             await self._close(spec.session, handover=False)
@@ -289,24 +283,15 @@ class StageService:
             return None
         return codec.decode_record(Checkpoint, entry.value)
 
-    def _events_handler(self, hosted: _Hosted) -> Callable[[ev.Event, Delivery], Awaitable[None]]:
+    def _feed(self, hosted: _Hosted, feed: str, handler: Handler) -> Handler:
         async def handle(event: ev.Event, delivery: Delivery) -> None:
             if hosted.closed:
                 return
-            hosted.ctx.events_seq = delivery.stream_seq  # a checkpoint taken now includes this event
-            await hosted.worker.on_event(event, delivery)
+            hosted.ctx.cursors[feed] = delivery.stream_seq  # a checkpoint taken now includes this event
+            await handler(event, delivery)
             if isinstance(event, ev.SessionEnded):
                 # not awaited here: ending the session unsubscribes the feed this handler runs in
                 self._background(self._end(event.session), f"end:{event.session}")
-
-        return handle
-
-    def _media_handler(self, hosted: _Hosted) -> Callable[[ev.Event, Delivery], Awaitable[None]]:
-        async def handle(event: ev.Event, delivery: Delivery) -> None:
-            if hosted.closed:
-                return
-            hosted.ctx.media_seq = delivery.stream_seq
-            await hosted.worker.on_media(event, delivery)
 
         return handle
 

@@ -23,7 +23,7 @@ class ProbeState(msgspec.Struct):
 
 
 class Probe(service.SessionWorker[ProbeState]):
-    media = sj.BY_NAME[os.environ.get("PROBE_MEDIA", "audio.in")]
+    media = (sj.BY_NAME[os.environ.get("PROBE_MEDIA", "audio.in")],)
 
     async def start(self) -> None:
         self.frames = self.ctx.restored.frames if self.ctx.restored else 0
