@@ -1,0 +1,1 @@
+"""dialogue engines: the interface and its implementations."""

@@ -1,0 +1,1 @@
+"""stt engines: the interface and its implementations."""

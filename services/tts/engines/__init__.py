@@ -1,0 +1,1 @@
+"""tts engines: the interface and its implementations."""
