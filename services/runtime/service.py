@@ -14,7 +14,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -110,8 +110,9 @@ class SessionContext(Generic[S]):
 class SessionWorker(Generic[S]):
     """A stage's behaviour for one session. Override what the stage needs."""
 
-    #: Audio channels this stage consumes (besides the session's conversation events).
-    media: ClassVar[tuple[sj.Channel, ...]] = ()
+    #: Audio channels this stage consumes besides the session's conversation events (a class
+    #: attribute, or set in ``__init__`` when it depends on the session).
+    media: tuple[sj.Channel, ...] = ()
 
     def __init__(self, ctx: SessionContext[S]) -> None:
         self.ctx = ctx
