@@ -21,14 +21,10 @@ BEGIN, END = "<!-- config:begin -->", "<!-- config:end -->"
 
 
 def table() -> str:
-    """Import every service's config module so its settings register, then render the table."""
-    for info in pkgutil.iter_modules(services.__path__):
-        if info.ispkg:
-            try:
-                importlib.import_module(f"services.{info.name}.config")
-            except ModuleNotFoundError as e:
-                if e.name != f"services.{info.name}.config":
-                    raise
+    """Import every module of the services (so every settings class registers), render the table."""
+    for info in pkgutil.walk_packages(services.__path__, prefix="services."):
+        if not info.name.endswith("__main__"):
+            importlib.import_module(info.name)
     from services.runtime.config import markdown_table
 
     return markdown_table()
