@@ -81,8 +81,9 @@ class ProviderRejected(ProviderError):
 async def watchdog(
     items: AsyncIterator[T], provider: str, *, first_s: float, stall_s: float
 ) -> AsyncIterator[T]:
-    """Yield from ``items``, raising ProviderTimeout when the first item takes longer than ``first_s``
-    or any later gap longer than ``stall_s``. The wrapped iterator is closed when this one is.
+    """Yield from ``items`` under deadlines: ``first_s`` for the first item, ``stall_s`` for each gap.
+
+    Raises ProviderTimeout when one passes. The wrapped iterator is closed when this one is.
     """
     limit = first_s
     try:
