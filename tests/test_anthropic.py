@@ -7,6 +7,7 @@ import logging
 import socket
 import traceback
 from collections.abc import AsyncIterator
+from itertools import pairwise
 from pathlib import Path
 
 import anthropic
@@ -101,7 +102,7 @@ async def test_a_long_call_reads_a_growing_share_from_the_prompt_cache(
         shares.append(usage.cache_read_tokens / total)
         history.append(ChatMessage("assistant", text_of(deltas)))
     assert shares[0] == 0
-    assert all(later > earlier for earlier, later in zip(shares, shares[1:])), shares
+    assert all(later > earlier for earlier, later in pairwise(shares)), shares
 
 
 async def test_a_tool_call_round_trip(fake: FakeAnthropic, engine: AnthropicEngine) -> None:

@@ -73,7 +73,9 @@ async def test_wrong_calls_and_failing_tools_become_results_the_model_can_read()
     async def broken(name: str) -> str:
         raise RuntimeError("database is down")
 
-    tools = ToolRegistry([Tool("lookup", "fails", broken, appointment_tool().input_schema), appointment_tool()])
+    tools = ToolRegistry(
+        [Tool("lookup", "fails", broken, appointment_tool().input_schema), appointment_tool()]
+    )
     results = await tools.run_tool_calls(
         [
             ToolCall("1", "teleport", {}),
@@ -95,8 +97,12 @@ async def test_wrong_calls_and_failing_tools_become_results_the_model_can_read()
 
 async def test_current_time_in_a_time_zone() -> None:
     tool = current_time_tool(clock=lambda: datetime(2026, 3, 3, 13, 5, tzinfo=UTC))
-    assert await tool.run(timezone="Europe/Paris") == "Tuesday 03 March 2026, 14:05 in Europe/Paris (UTC+0100)"
-    assert (await tool.run(timezone="Mars/Olympus")).startswith("error: 'Mars/Olympus' is not a known time zone")
+    assert (
+        await tool.run(timezone="Europe/Paris") == "Tuesday 03 March 2026, 14:05 in Europe/Paris (UTC+0100)"
+    )
+    assert (await tool.run(timezone="Mars/Olympus")).startswith(
+        "error: 'Mars/Olympus' is not a known time zone"
+    )
 
 
 async def test_appointment_lookup_without_a_booking() -> None:
