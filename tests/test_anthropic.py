@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from itertools import pairwise
 from pathlib import Path
 
+import aiohttp
 import anthropic
 import pytest
 
@@ -138,6 +139,21 @@ async def test_the_fake_refuses_sampling_parameters_as_the_api_does(fake: FakeAn
     with pytest.raises(anthropic.BadRequestError, match="temperature"):
         await client.messages.create(**params, stream=True, extra_body={"temperature": 0.2})
     await client.close()
+
+
+async def test_the_fake_speaks_sse_with_event_lines_and_ends_the_body(fake: FakeAnthropic) -> None:
+    body = request_params(ask(), "claude-haiku-5-5") | {"stream": True}
+    headers = {"x-api-key": KEY, "anthropic-version": "2023-06-01"}  # what older SDKs send
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{fake.base_url}/v1/messages", json=body, headers=headers) as response,
+    ):
+        assert response.status == 200 and response.content_type == "text/event-stream"
+        raw = await response.text()  # returns only because the fake ends the body
+    events = [block.splitlines() for block in raw.strip().split("\n\n")]
+    assert all(lines[0].startswith("event: ") and lines[1].startswith("data: {") for lines in events)
+    names = [lines[0].removeprefix("event: ") for lines in events]
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
 
 
 async def test_a_bad_key_is_rejected_without_retry(fake: FakeAnthropic) -> None:
