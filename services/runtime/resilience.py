@@ -94,7 +94,6 @@ async def watchdog(
                 return
             except TimeoutError:
                 what = "no first byte" if limit == first_s else "stream stalled"
-                provider_failures.labels(provider, "timeout").inc()
                 raise ProviderTimeout(provider, f"{what} within {limit:.1f}s") from None
             limit = stall_s
             yield item
