@@ -113,6 +113,16 @@ async def test_an_utterance_gives_partials_then_a_flushed_final_with_words(fake:
     assert sum(r.billed_s for r in got) == pytest.approx(conn.audio_bytes / BYTES_PER_S)
 
 
+async def test_without_pre_roll_word_times_still_follow_the_stream_clock(fake: FakeDeepgram) -> None:
+    async with engine(fake, preroll_ms=0, postroll_ms=100) as dg:
+        stream = await dg.open("s1", "en")
+        await say(stream, lead_ms=2000)
+        got = await collect(stream, lambda r: r.flushed)
+        await stream.aclose()
+    assert fake.accepted[0].audio_bytes == (1500 + 100) * BYTES_PER_S // 1000
+    assert 2000 <= got[-1].words[0].start_ms < 2250
+
+
 async def test_a_long_silence_is_not_sent_and_keepalives_beat_the_idle_rule() -> None:
     fake = FakeDeepgram(api_key=KEY, script=[Utterance(TEXT)], idle_s=0.6)
     async with fake, engine(fake, keepalive_s=0.2) as dg:

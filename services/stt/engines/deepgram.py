@@ -7,8 +7,12 @@ Deepgram's 10 s idle rule from closing the connection. Liveness: the SDK has no 
 stream keeps its own deadlines — audio must be answered within ``stall_s`` and ``Finalize`` with a
 flushed final within ``finalize_timeout_s`` — and fails with ``ProviderTimeout`` instead of waiting.
 
-Deepgram's timestamps count the audio it received; since silence is not sent, they are mapped back to
-the stream's clock (ms of audio pushed since ``open``) before they leave the adapter.
+Results: interims are partials; the final that answers the Finalize sent at ``speech_ended`` is
+``flushed`` (Deepgram does not promise an answer when it holds almost no unfinalized audio, so then the
+adapter answers itself); ``speech_final`` is an ``endpoint``; an UtteranceEnd ends an utterance that got
+no speech_final (after having Deepgram finalize words still interim). Deepgram's timestamps count the
+audio it received; since silence is not sent, they are mapped back to the stream's clock (ms of audio
+pushed since ``open``) before they leave the adapter.
 """
 
 from __future__ import annotations
@@ -292,10 +296,12 @@ class DeepgramStream(SttStream):
         """Open the gate: the pre-roll goes out first, so the onset of the speech is not clipped."""
         if self._finished:
             return
+        if self._gate.is_open:  # speech resumed within the post-roll: the run goes on
+            self._gate.start()
+            return
         preroll = self._gate.start()
-        if preroll:
-            stream_at = self._pushed - sum(map(len, preroll))
-            self._clock.start_run(self._sent / _BYTES_PER_S, stream_at / _BYTES_PER_S)
+        stream_at = self._pushed - sum(map(len, preroll))
+        self._clock.start_run(self._sent / _BYTES_PER_S, stream_at / _BYTES_PER_S)
         for frame in preroll:
             self._send_audio(frame)
 
@@ -417,6 +423,7 @@ class DeepgramStream(SttStream):
                     self._on_results(message)
                 case ListenV1UtteranceEnd() if self._interim_pending:
                     # no speech_final came and words are still interim: have them finalized as the end
+                    self._interim_pending = False
                     self._finalize(vad=False)
                 case ListenV1UtteranceEnd() if self._open_utterance:
                     # no speech_final came for the last words: the utterance ends here
