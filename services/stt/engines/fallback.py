@@ -251,22 +251,26 @@ class FallbackSttStream(SttStream):
         streams_served.labels(self.engine, how).inc()
 
     async def _run(self) -> None:
-        while self._active is not None:
-            active = self._active
-            try:
-                async for result in active.stream.results():
-                    self._deliver(active, result)
-            except ProviderError as error:
-                active.judged = True
-                self._chain.breakers[active.index].failure(error)
-                if not await self._switch(active, error):
+        try:
+            while self._active is not None:
+                active = self._active
+                try:
+                    async for result in active.stream.results():
+                        self._deliver(active, result)
+                except ProviderError as error:
+                    if not await self._switch(active, error):
+                        return
+                else:
+                    self._results.put_nowait(None)
                     return
-            else:
-                self._results.put_nowait(None)
-                return
+        except Exception as error:  # a bug here must still end results()
+            log.exception("stt: fallback pump crashed")
+            self._results.put_nowait(ProviderUnavailable("stt", f"fallback error: {type(error).__name__}"))
 
     async def _switch(self, failed: _Active, error: ProviderError) -> bool:
         """Move to the next engine and replay the unsettled audio; False when none is left."""
+        failed.judged = True
+        self._chain.breakers[failed.index].failure(error)
         self._live, self._unsettled.frozen = None, True
         self._retired.append(asyncio.create_task(failed.stream.aclose(), name="stt.fallback.close"))
         try:
@@ -277,9 +281,13 @@ class FallbackSttStream(SttStream):
             return False
         before = self.engine
         self._activate(index, stream, self._unsettled.start(), "switched")
-        await self._unsettled.replay(stream)
-        self._live, self._unsettled.frozen = stream, False  # no await since the replay's last check
         log.warning("stt: %s failed (%s); session continues on %s", before, error, self.engine)
+        try:
+            await self._unsettled.replay(stream)
+        except ProviderError as replay_error:
+            assert self._active is not None
+            return await self._switch(self._active, replay_error)
+        self._live, self._unsettled.frozen = stream, False  # no await since the replay's last check
         return True
 
     def _deliver(self, active: _Active, result: SttResult) -> None:
