@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from services.runtime.config import load
-from services.runtime.resilience import ProviderRejected, ProviderTimeout, ProviderUnavailable
+from services.runtime.resilience import ProviderError, ProviderRejected, ProviderTimeout, ProviderUnavailable
 from services.tts.engines.base import SynthAudio, TtsStream
 from services.tts.engines.elevenlabs import ElevenLabsEngine, ElevenLabsSettings, ElevenLabsStream
 from tests.fakes.elevenlabs import CHAR_MS, FakeElevenLabs, Faults, char_pcm
@@ -28,7 +28,9 @@ def settings(fake: FakeElevenLabs, **overrides: Any) -> ElevenLabsSettings:
 
 
 @asynccontextmanager
-async def serving(faults: Faults | None = None, **overrides: Any) -> AsyncIterator[tuple[FakeElevenLabs, ElevenLabsEngine]]:
+async def serving(
+    faults: Faults | None = None, **overrides: Any
+) -> AsyncIterator[tuple[FakeElevenLabs, ElevenLabsEngine]]:
     async with FakeElevenLabs(KEY, faults) as fake:
         engine = ElevenLabsEngine(settings(fake, **overrides))
         try:
@@ -80,7 +82,9 @@ def spoken(text: str) -> bytes:
     return b"".join(char_pcm(c, RATE) for c in text.strip() + " ")
 
 
-async def speak(engine: ElevenLabsEngine, chunks: Sequence[str], reply: str = "r1", session: str = "s1") -> list[SynthAudio]:
+async def speak(
+    engine: ElevenLabsEngine, chunks: Sequence[str], reply: str = "r1", session: str = "s1"
+) -> list[SynthAudio]:
     stream = await engine.open(session, reply)
     for i, text in enumerate(chunks):
         await stream.push_text(text, i)
@@ -246,16 +250,26 @@ async def test_a_bad_key_is_rejected_at_the_handshake_without_trying_http() -> N
         (Faults(stall_after_frames=2), ProviderTimeout, True),
         (Faults(drop_after_frames=2), ProviderUnavailable, True),
     ],
-    ids=["http-401", "http-422", "http-429", "http-drop", "http-stall", "http-slow", "ws-slow", "ws-stall", "ws-drop"],
+    ids=[
+        "http-401",
+        "http-422",
+        "http-429",
+        "http-drop",
+        "http-stall",
+        "http-slow",
+        "ws-slow",
+        "ws-stall",
+        "ws-drop",
+    ],
 )
 async def test_each_fault_ends_in_its_typed_error_within_the_budget(
-    faults: Faults, error: type[Exception], retryable: bool
+    faults: Faults, error: type[ProviderError], retryable: bool
 ) -> None:
-    async with serving(faults, first_audio_s=0.3, stall_s=0.3) as (fake, engine):
+    async with serving(faults, first_audio_s=0.3, stall_s=0.3) as (_, engine):
         with pytest.raises(error) as err:
             await speak(engine, ["A sentence long enough to span several audio frames."])
-    assert getattr(err.value, "retryable") is retryable
+    assert err.value.retryable is retryable
     if faults.http_status == 429:
-        assert getattr(err.value, "retry_after_s") == 1.0
+        assert err.value.retry_after_s == 1.0
     if "timeout" in type(err.value).__name__.lower():
         assert "0.3s" in str(err.value)  # the engine's budget fired, not the fake's delay

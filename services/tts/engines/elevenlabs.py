@@ -129,9 +129,13 @@ class ElevenLabsEngine(TtsEngine):
         #: open while the WebSocket cannot be reached: replies go straight to the HTTP path
         self.ws_breaker = CircuitBreaker(f"{PROVIDER}-ws", threshold=1, cooldown_s=settings.ws_retry_s)
         self._sockets: dict[tuple[str, str], ContextSocket] = {}
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(settings.stall_s, connect=settings.connect_s))
+        # the SDK passes its own timeout on every request (default 240 s): a backstop behind the watchdog
+        self._http = httpx.AsyncClient()
         self._sdk = AsyncElevenLabs(
-            api_key=settings.api_key, base_url=settings.base_url, httpx_client=self._http
+            api_key=settings.api_key,
+            base_url=settings.base_url,
+            timeout=settings.connect_s + max(settings.first_audio_s, settings.stall_s),
+            httpx_client=self._http,
         )
 
     async def open(self, session: str, reply_id: str, voice: str = "") -> ElevenLabsStream:
