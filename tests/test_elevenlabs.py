@@ -249,6 +249,7 @@ async def test_a_bad_key_is_rejected_at_the_handshake_without_trying_http() -> N
         (Faults(first_audio_delay_s=30), ProviderTimeout, True),
         (Faults(stall_after_frames=2), ProviderTimeout, True),
         (Faults(drop_after_frames=2), ProviderUnavailable, True),
+        (Faults(ws_handshake_delay_s=30), ProviderTimeout, True),
     ],
     ids=[
         "http-401",
@@ -260,16 +261,19 @@ async def test_a_bad_key_is_rejected_at_the_handshake_without_trying_http() -> N
         "ws-slow",
         "ws-stall",
         "ws-drop",
+        "ws-handshake-hangs",
     ],
 )
 async def test_each_fault_ends_in_its_typed_error_within_the_budget(
     faults: Faults, error: type[ProviderError], retryable: bool
 ) -> None:
-    async with serving(faults, first_audio_s=0.3, stall_s=0.3) as (_, engine):
+    async with serving(faults, first_audio_s=0.3, stall_s=0.3, connect_s=0.3) as (fake, engine):
         with pytest.raises(error) as err:
             await speak(engine, ["A sentence long enough to span several audio frames."])
     assert err.value.retryable is retryable
     if faults.http_status == 429:
         assert err.value.retry_after_s == 1.0
-    if "timeout" in type(err.value).__name__.lower():
+    if faults.ws_handshake_delay_s:
+        assert fake.seen.http == []  # a host that does not answer is not tried again over HTTP
+    elif isinstance(err.value, ProviderTimeout):
         assert "0.3s" in str(err.value)  # the engine's budget fired, not the fake's delay

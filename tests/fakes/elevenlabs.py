@@ -47,6 +47,7 @@ class Faults:
 
     on_connection: int | None = None
     ws_status: int | None = None  # refuse the WebSocket handshake with this HTTP status
+    ws_handshake_delay_s: float = 0.0  # answer the upgrade this late
     first_audio_delay_s: float = 0.0  # before the first frame of each context
     drop_after_frames: int | None = None  # abort the TCP connection after this many audio frames
     stall_after_frames: int | None = None  # go silent (socket open) after this many audio frames
@@ -323,6 +324,8 @@ class FakeElevenLabs:
         )
         self.bump()
         faults = self._faults(len(seen.handshakes))
+        if await self.pause(faults.ws_handshake_delay_s):
+            return web.Response(status=503)
         if faults.ws_status is not None:
             return web.json_response({"detail": {"status": "refused"}}, status=faults.ws_status)
         header = request.headers.get("xi-api-key")

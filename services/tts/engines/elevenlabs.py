@@ -8,8 +8,9 @@ spoken, or at once on ``cancel`` (barge-in); late frames of a closed context are
 Deadlines run only while the provider owes audio (letters sent, not yet spoken): waiting for the LLM's
 next chunk is not a stall. A 1008 close that a fresh socket cures (input timeout, context limit) is
 recovered inside the reply: reconnect, new context, unfinished chunks sent again. When the socket
-cannot be opened at all (refused, 429/5xx handshake) the reply goes over the HTTP stream endpoint
-through the official SDK instead, chunk by chunk, and later replies skip the WebSocket for a while.
+cannot be opened (refused, 429/5xx handshake) the reply goes over the HTTP stream endpoint through the
+official SDK instead, chunk by chunk, and later replies skip the WebSocket for a while; a handshake
+that times out is not retried over HTTP (the host does not answer: the fallback chain takes over).
 Other failures raise typed ProviderErrors for the stage's fallback chain.
 """
 
@@ -288,6 +289,9 @@ class ElevenLabsStream(TtsStream):
         except ProviderRejected:
             breaker.success()  # the provider answered: the transport is fine, the request is not
             raise
+        except ProviderTimeout as e:
+            breaker.failure(e)  # the host does not answer: HTTP to it would only spend more of the budget
+            raise
         except ProviderUnavailable as e:
             breaker.failure(e)
             log.warning("elevenlabs websocket unavailable (%s); reply %s goes over HTTP", e, self._reply)
@@ -334,7 +338,8 @@ class ElevenLabsStream(TtsStream):
                     await self._recover(SocketClosed(1008, "input_timeout_exceeded"))
                     awaiting_first = True
                 case {"error": error}:
-                    raise ProviderRejected(PROVIDER, f"context error: {error}")
+                    await self._recover(SocketClosed(1008, str(error)))  # raises unless a retry can cure it
+                    awaiting_first = True
                 case {"audio": str(audio)} if audio:
                     awaiting_first = False
                     for piece in self._aligner.feed(base64.b64decode(audio), _char_times(event)):

@@ -21,7 +21,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from services.runtime.resilience import ProviderError, ProviderRejected, ProviderUnavailable
+from services.runtime.resilience import ProviderError, ProviderRejected, ProviderTimeout, ProviderUnavailable
 
 PROVIDER = "elevenlabs"
 log = logging.getLogger("voicebus.tts")
@@ -66,6 +66,8 @@ def handshake_error(exc: Exception) -> ProviderError:
                 retry_after_s=float(retry) if retry and retry.replace(".", "", 1).isdigit() else None,
             )
         return ProviderRejected(PROVIDER, f"handshake refused: HTTP {status}", status=status)
+    if isinstance(exc, TimeoutError):
+        return ProviderTimeout(PROVIDER, "no WebSocket handshake in time")
     return ProviderUnavailable(PROVIDER, f"cannot connect: {type(exc).__name__}")
 
 

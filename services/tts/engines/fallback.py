@@ -72,6 +72,7 @@ class FallbackStream(TtsStream):
         self._chunks: dict[int, str] = {}
         self._ended = self._cancelled = False
         self._inner: TtsStream | None = None
+        self._replaying = False
         self._spoken: set[int] = set()
         self._words: dict[int, int] = {}
         #: ms of audio handed out per chunk, and per chunk the part of it from earlier engines
@@ -81,15 +82,15 @@ class FallbackStream(TtsStream):
         self.served_by: list[str] = []
 
     async def push_text(self, text: str, chunk: int) -> None:
-        """Remember the chunk and hand it to the serving engine."""
+        """Remember the chunk and hand it to the serving engine (unless a take-over is replaying)."""
         self._chunks[chunk] = text
-        if self._inner is not None:
+        if self._inner is not None and not self._replaying:
             await self._inner.push_text(text, chunk)
 
     async def end(self) -> None:
         """No more text."""
         self._ended = True
-        if self._inner is not None:
+        if self._inner is not None and not self._replaying:
             await self._inner.end()
 
     async def cancel(self) -> None:
@@ -136,11 +137,16 @@ class FallbackStream(TtsStream):
 
     async def _serve(self, engine: TtsEngine) -> AsyncIterator[SynthAudio]:
         inner = self._inner = await engine.open(self._session, self._reply, self._voice)
-        todo = [c for c in self._chunks if c not in self._spoken]
-        self._shift_ms = {c: self._heard_ms.get(c, 0.0) for c in todo}
+        self._shift_ms = {c: ms for c, ms in self._heard_ms.items() if c not in self._spoken}
         self._words = {}
-        for chunk in todo:
-            await inner.push_text(self._chunks[chunk], chunk)
+        self._replaying, given = True, set[int]()
+        try:  # in order, including chunks the caller pushes meanwhile
+            while todo := [c for c in self._chunks if c not in self._spoken and c not in given]:
+                for chunk in todo:
+                    await inner.push_text(self._chunks[chunk], chunk)
+                    given.add(chunk)
+        finally:
+            self._replaying = False
         if self._ended:
             await inner.end()
         async for piece in inner.audio():
