@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import math
 import socket
@@ -31,6 +32,7 @@ PCM_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
 MODELS = ("eleven_flash_v2_5", "eleven_turbo_v2_5", "eleven_multilingual_v2")
 
 
+@functools.cache
 def char_pcm(ch: str, rate: int) -> bytes:
     """CHAR_MS of mono s16le: a tone whose pitch depends on the letter, or silence."""
     n = rate * CHAR_MS // 1000

@@ -53,19 +53,21 @@ class SocketClosed(Exception):
         return ProviderUnavailable(PROVIDER, str(self), status=self.code)
 
 
+def status_error(status: int, what: str, retry_after: str | None = None) -> ProviderError:
+    """An HTTP status from the provider as a typed failure: 429 and 5xx may pass, the rest will not."""
+    if status == 429 or status >= 500:
+        seconds = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else None
+        return ProviderUnavailable(PROVIDER, what, status=status, retry_after_s=seconds)
+    return ProviderRejected(PROVIDER, what, status=status)
+
+
 def handshake_error(exc: Exception) -> ProviderError:
     """Classify a failed WebSocket connect (never echoing the request, which carries the key)."""
     if isinstance(exc, InvalidStatus):
         status = exc.response.status_code
-        if status == 429 or status >= 500:
-            retry = exc.response.headers.get("retry-after")
-            return ProviderUnavailable(
-                PROVIDER,
-                f"handshake refused: HTTP {status}",
-                status=status,
-                retry_after_s=float(retry) if retry and retry.replace(".", "", 1).isdigit() else None,
-            )
-        return ProviderRejected(PROVIDER, f"handshake refused: HTTP {status}", status=status)
+        return status_error(
+            status, f"handshake refused: HTTP {status}", exc.response.headers.get("retry-after")
+        )
     if isinstance(exc, TimeoutError):
         return ProviderTimeout(PROVIDER, "no WebSocket handshake in time")
     return ProviderUnavailable(PROVIDER, f"cannot connect: {type(exc).__name__}")
