@@ -4,12 +4,15 @@ the real websockets client and the official SDK on the HTTP path."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from services.runtime.config import load
 from services.runtime.resilience import ProviderError, ProviderRejected, ProviderTimeout, ProviderUnavailable
@@ -277,3 +280,30 @@ async def test_each_fault_ends_in_its_typed_error_within_the_budget(
         assert fake.seen.http == []  # a host that does not answer is not tried again over HTTP
     elif isinstance(err.value, ProviderTimeout):
         assert "0.3s" in str(err.value)  # the engine's budget fired, not the fake's delay
+
+
+async def test_the_fake_buffers_until_the_schedule_or_a_flush_and_insists_on_the_opening_space() -> None:
+    """The fake's own protocol rules, spoken to with a bare websockets client (what the tests rely on)."""
+    async with FakeElevenLabs(KEY) as fake:
+        url = fake.url.replace("http", "ws") + f"/v1/text-to-speech/{VOICE}/multi-stream-input"
+        query = f"?model_id=eleven_flash_v2_5&output_format=pcm_{RATE}"
+        async with connect(url + query, additional_headers={"xi-api-key": KEY}) as ws:
+            await ws.send(json.dumps({"text": "Hello ", "context_id": "a"}))
+            error = json.loads(await ws.recv())
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+        assert error["error"] == "invalid_input_message" and ws.close_code == 1008
+
+        async with connect(url + query, additional_headers={"xi-api-key": KEY}) as ws:
+            schedule = {"chunk_length_schedule": [50]}
+            await ws.send(json.dumps({"text": " ", "context_id": "a", "generation_config": schedule}))
+            await ws.send(json.dumps({"text": "Not yet. ", "context_id": "a"}))  # below 50 characters
+            await ws.send(json.dumps({"text": "Now. ", "context_id": "a", "flush": True}))
+            chars = ""
+            while chars != "Not yet. Now. ":
+                message = json.loads(await ws.recv())
+                assert message["contextId"] == "a"
+                chars += "".join(message["alignment"]["chars"])
+            assert fake.seen.texts == [("a", "Not yet. ", False), ("a", "Now. ", True)]
+            await ws.send(json.dumps({"context_id": "a", "close_context": True}))
+            assert json.loads(await ws.recv()) == {"isFinal": True, "contextId": "a"}
