@@ -93,6 +93,8 @@ class ElevenLabsStream(TtsStream):
 
     async def audio(self) -> AsyncIterator[SynthAudio]:
         """The reply's audio, chunk by chunk, until it is spoken or cancelled."""
+        if self._cancelled:
+            return
         try:
             if await self._open_websocket():
                 async for piece in self._websocket_audio():
@@ -129,6 +131,8 @@ class ElevenLabsStream(TtsStream):
     async def _new_context(self) -> None:
         self._socket = self._engine.socket(self._session, self._voice)
         await self._socket.open()
+        if self._cancelled:
+            return  # cancelled while connecting: no context to open (and none to leak)
         self._contexts += 1
         self._context = self._reply if self._contexts == 1 else f"{self._reply}~{self._contexts}"
         self._closing = False
@@ -200,8 +204,7 @@ class ElevenLabsStream(TtsStream):
         if not closed.recoverable or self._contexts > self._s.reconnects:
             raise closed.as_provider_error()
         log.info("elevenlabs context of reply %s lost (%s); reopening", self._reply, closed.error)
-        if self._socket is not None:
-            self._socket.detach(self._context)
+        await self._close_context()  # it may live on if only the context failed, not the socket
         self._unsent = self._aligner.respeak_unfinished() + self._unsent
         await self._new_context()
 
@@ -246,17 +249,21 @@ class ElevenLabsStream(TtsStream):
 
     async def _let_go(self) -> None:
         """Close the provider side of the reply (idempotent): context closed and detached, request ended."""
-        sock, context, self._socket = self._socket, self._context, None
-        if sock is not None:
-            sock.detach(context)
-            if not self._closing:
-                self._closing = True
-                with contextlib.suppress(SocketClosed):
-                    await sock.send({"context_id": context, "close_context": True})
+        await self._close_context()
         request, self._request = self._request, None
         if request is not None:
             request.cancel()
             await asyncio.gather(request, return_exceptions=True)
+
+    async def _close_context(self) -> None:
+        """Stop routing the context's messages here and ask the provider to close it (once)."""
+        if self._socket is None or not self._context:
+            return
+        self._socket.detach(self._context)
+        if not self._closing:
+            self._closing = True
+            with contextlib.suppress(SocketClosed):
+                await self._socket.send({"context_id": self._context, "close_context": True})
 
 
 def _char_times(message: dict[str, Any]) -> CharTimes | None:
