@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from proto.events import WordTiming
-from services.runtime.resilience import ProviderError
+from services.runtime.resilience import CircuitBreaker, ProviderError
 from services.tts.engines.base import SynthAudio, TtsEngine, TtsStream
 from services.tts.engines.elevenlabs import ElevenLabsEngine
 from services.tts.engines.fallback import FallbackSettings, FallbackStream, FallbackTtsEngine
@@ -178,3 +178,24 @@ async def test_the_api_key_appears_in_no_log_line_and_no_error(caplog: pytest.Lo
             e = e.__cause__ or e.__context__  # type: ignore[assignment]
     assert caplog.records  # the scenarios did log
     assert KEY not in text and wrong not in text
+
+
+async def test_a_half_open_trial_cut_short_by_a_barge_in_is_freed_for_the_next_reply() -> None:
+    now = [0.0]
+    async with serving(Faults(first_audio_delay_s=30), first_audio_s=0.3) as (fake, primary):
+        chain = FallbackTtsEngine([primary, ToneEngine()])
+        chain.breakers[0] = breaker = CircuitBreaker(
+            "elevenlabs", threshold=1, cooldown_s=10, clock=lambda: now[0]
+        )
+        stream, _ = await say(chain, "turn-1")  # the provider times out: the breaker opens
+        assert stream.served_by == ["tone"] and breaker.is_open
+
+        now[0] = 11.0  # cooldown over: the next reply is the trial
+        trial = await chain.open("s1", "turn-2")
+        await trial.push_text("Are you back?", 0)
+        listener = Listener(trial)
+        await fake.wait(lambda s: "turn-2" in s.opened)
+        await trial.cancel()  # barge-in before the provider said anything
+        assert await listener.done() == []
+        await fake.wait(lambda s: "turn-2" in s.closed)
+    assert not breaker.is_open and breaker.allow()  # neither stuck half-open nor counted as a failure

@@ -124,6 +124,9 @@ class ElevenLabsStream(TtsStream):
             breaker.failure(e)
             log.warning("elevenlabs websocket unavailable (%s); reply %s goes over HTTP", e, self._reply)
             return False
+        except BaseException:
+            breaker.release()  # cancelled while connecting: no verdict on the transport
+            raise
         breaker.success()
         self.transport = "websocket"
         return True

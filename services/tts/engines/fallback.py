@@ -14,12 +14,21 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+from prometheus_client import Counter
+
 from proto.events import WordTiming
-from services.runtime.config import setting, settings_class
-from services.runtime.resilience import CircuitBreaker, ProviderError
+from services.runtime.config import ConfigError, setting, settings_class
+from services.runtime.resilience import CircuitBreaker, ProviderError, ProviderUnavailable
 from services.tts.engines.base import SynthAudio, TtsEngine, TtsStream
 
 log = logging.getLogger("voicebus.tts")
+
+replies_served = Counter(
+    "vb_tts_replies_total",
+    "TTS replies by the engine that finished them; how: primary, fallback (the engines before it were "
+    "skipped), took over (an engine before it failed on this reply)",
+    ["engine", "how"],
+)
 
 
 @settings_class
@@ -33,6 +42,10 @@ class FallbackSettings:
     breaker_cooldown_s: float = setting(
         "VB_TTS_BREAKER_COOLDOWN", 30.0, "Seconds a failed TTS engine is skipped before one trial reply."
     )
+
+    def __post_init__(self) -> None:
+        if self.breaker_threshold < 1 or self.breaker_cooldown_s <= 0:
+            raise ConfigError("VB_TTS_BREAKER_THRESHOLD must be >= 1 and VB_TTS_BREAKER_COOLDOWN > 0")
 
 
 class FallbackTtsEngine(TtsEngine):
@@ -101,39 +114,49 @@ class FallbackStream(TtsStream):
 
     async def audio(self) -> AsyncIterator[SynthAudio]:
         """Audio from the first engine whose breaker allows; on a failure, the next one takes over."""
-        last_error: ProviderError | None = None
+        error: ProviderError | None = None
         for engine, breaker in zip(self._chain.engines, self._chain.breakers):
             if self._cancelled or not breaker.allow():
                 continue
-            judged = False
+            produced = False
             try:
                 async for piece in self._serve(engine):
-                    if not judged:
+                    if not produced:
                         breaker.success()
-                        judged = True
+                        produced = True
                         self.served_by.append(engine.name)
                     yield piece
-                if not self._cancelled:
-                    breaker.success()
-                    judged = True
-                return
-            except ProviderError as e:
-                breaker.failure(e)
-                judged, last_error = True, e
+            except ProviderError as err:
+                breaker.failure(err)
+                error = err
                 log.warning(
-                    "tts engine %s failed for reply %s (%s); next engine", engine.name, self._reply, e
+                    "tts engine %s failed %s (%s): %s",
+                    engine.name,
+                    "mid-reply" if self.served_by[-1:] == [engine.name] else "before any audio",
+                    err.kind,
+                    err,
                 )
+                continue
+            except Exception as err:  # a bug, not a provider failure: count it and let it surface
+                breaker.failure(err)
+                raise
+            except BaseException:
+                if not produced:  # the caller closed the reply (barge-in): the engine did not fail
+                    breaker.release()
+                raise
             finally:
                 inner, self._inner = self._inner, None
                 if inner is not None:
                     await inner.cancel()
-                if not judged and breaker.is_open:
-                    breaker.failure()  # a half-open trial cut short (barge-in): try it again later
-        if self._cancelled:
+            if self._cancelled and not produced:
+                breaker.release()
+            elif not produced:
+                breaker.success()
+            how = "primary" if engine is self._chain.engines[0] else "took over" if error else "fallback"
+            replies_served.labels(engine.name, how).inc()
             return
-        if last_error is not None:
-            raise last_error
-        raise ProviderError(self._chain.name, "every TTS engine is skipped (breakers open)", retryable=True)
+        if not self._cancelled:
+            raise error or ProviderUnavailable(self._chain.name, "every engine is skipped by its breaker")
 
     async def _serve(self, engine: TtsEngine) -> AsyncIterator[SynthAudio]:
         inner = self._inner = await engine.open(self._session, self._reply, self._voice)
