@@ -5,7 +5,8 @@ down costs the caller nothing after the first failures. When the serving engine 
 goes on with the next engine from the first chunk not yet fully spoken: a chunk cut off part-way is
 spoken again whole, like a person restarting a sentence, rather than resumed mid-sentence in another
 voice. Its new word timings are shifted past the audio already heard, so timings stay relative to
-the chunk's start. Audio already handed out is never repeated or lost.
+the chunk's start and "what was heard" counts the cut-off words too. No chunk is lost, and the only
+repetition is the opening of the chunk that was cut.
 """
 
 from __future__ import annotations
