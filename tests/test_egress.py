@@ -1,0 +1,277 @@
+"""The egress stage as a process on a real nats-server, fed agent frames by the test: pacing on
+media.out, playout reports, cuts and their acks, the WAV sink and the recording, takeover, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import wave
+from pathlib import Path
+
+import numpy as np
+
+from proto import events as ev
+from proto import subjects as sj
+from services.runtime.bus import Bus
+from services.runtime.sessions import end_session, open_session
+from services.tools.stack import Stack
+from tests.support.tap import Tap
+
+RATE = 24000
+FRAME = ev.frame_bytes(RATE)
+#: Words of a reply of 50 frames (1 s), in two chunks of 25 frames.
+WORDS = {0: ("The", "weather", "today", "is", "sunny"), 25: ("and", "warm", "with", "light", "wind.")}
+FULL_TEXT = " ".join(w for chunk in WORDS.values() for w in chunk)
+
+
+def tone(index: int) -> bytes:
+    """20 ms of a 440 Hz square wave, continuing across frames: every sample loud, easy to find."""
+    n = np.arange(index * FRAME // 2, (index + 1) * FRAME // 2)
+    return np.where(np.sin(2 * np.pi * 440 * n / RATE) >= 0, 8000, -8000).astype("<i2").tobytes()
+
+
+def reply(session: str, turn: int, frames: int, generation: int = 0) -> list[ev.AgentAudioFrame]:
+    out = []
+    for i in range(frames):
+        words: tuple[ev.WordTiming, ...] = ()
+        if i % 50 in WORDS:
+            base = (i // 50) * 1000 + (i % 50) * 20
+            words = tuple(
+                ev.WordTiming(text=w, start_ms=base + 100 * k, end_ms=base + 100 * k + 90)
+                for k, w in enumerate(WORDS[i % 50])
+            )
+        out.append(
+            ev.AgentAudioFrame(
+                session=session,
+                turn=turn,
+                generation=generation,
+                index=i,
+                chunk=i // 25,
+                pcm=tone(i),
+                sample_rate=RATE,
+                words=words,
+            )
+        )
+    return out
+
+
+async def send_reply(bus: Bus, frames: list[ev.AgentAudioFrame], *, end: bool = True) -> None:
+    """All frames at once (a TTS running ahead of real time), then the end of the reply."""
+    for f in frames:
+        await bus.publish(sj.AUDIO_OUT, f)
+    if end:
+        first = frames[0]
+        await bus.publish(
+            sj.AUDIO_OUT,
+            ev.AgentAudioEnd(
+                session=first.session, turn=first.turn, generation=first.generation, frames=len(frames)
+            ),
+        )
+
+
+def media_out(tap: Tap, turn: int) -> list[tuple[int, float]]:
+    """(index, arrival time) of the frames of ``turn`` that came out on media.out, in arrival order."""
+    subject = sj.MEDIA_OUT.subject(tap.session)
+    return [
+        (e.index, t)
+        for s, e, t in tap.events
+        if s == subject and isinstance(e, ev.AgentAudioFrame) and e.turn == turn
+    ]
+
+
+async def played(tap: Tap, turn: int, frames: int) -> None:
+    """Wait until ``frames`` frames of ``turn`` have come out on media.out."""
+    await tap.wait(ev.Event, lambda _: len(media_out(tap, turn)) >= frames)
+
+
+async def start_egress(stack: Stack, count: int = 1, **env: str) -> None:
+    await stack.wait_ready_async([stack.spawn("egress", env=env) for _ in range(count)])
+
+
+async def test_a_reply_plays_out_paced_in_order_and_is_reported(
+    stack: Stack, bus: Bus, session_id: str
+) -> None:
+    max_late_ms = 40.0
+    await start_egress(stack, VB_EGRESS_MAX_LATE_MS=str(max_late_ms))
+    speed = 2.0
+    await open_session(bus, ev.SessionSpec(session=session_id, speed=speed), stages=("egress",))
+    async with Tap(bus, session_id) as tap:
+        await send_reply(bus, reply(session_id, 1, 50))
+        (stopped,) = await tap.wait(ev.PlayoutStopped)
+    out = media_out(tap, 1)
+    assert [i for i, _ in out] == list(range(50))
+    # No frame leaves earlier than the frames before it put it on a real-time timeline (x speed):
+    # when each frame was handed out (its ts, stamped by egress as it publishes) is at least the
+    # previous frame's time plus a frame, less a tolerance. The timeline is absolute (a late frame is
+    # followed by an on-time one), so the tolerance is the lateness at which the schedule restarts.
+    # From frame 1: frame 0 waited for PlayoutStarted to be stored.
+    sent = [(e.index, e.ts / 1e9) for s, e, _ in tap.events if s == sj.MEDIA_OUT.subject(session_id)]
+    frame_s, tolerance = 0.02 / speed, max_late_ms / 1000 / speed + 0.005
+    bound, early = -1.0, []
+    for i, t in sent[1:]:
+        if t < bound - tolerance:
+            early.append((i, round(bound - t, 4)))
+        bound = max(bound, t) + frame_s
+    assert not early, f"frames ahead of the timeline (index, seconds early): {early}"
+    assert sent[-1][1] - sent[1][1] >= 48 * frame_s - tolerance  # paced, not passed through
+    # PlayoutStarted before the first frame, PlayoutStopped after the last
+    kinds = [type(e).__name__ for s, e, _ in tap.events if s != sj.AUDIO_OUT.subject(session_id)]
+    assert kinds.index("PlayoutStarted") < kinds.index("AgentAudioFrame")
+    assert len(kinds) - 1 - kinds[::-1].index("AgentAudioFrame") < kinds.index("PlayoutStopped")
+    assert (stopped.turn, stopped.completed, stopped.played_ms, stopped.dropped_frames) == (1, True, 1000, 0)
+    assert stopped.heard_text == FULL_TEXT
+    marks = await tap.wait(ev.TurnMark, lambda m: m.mark == "first_audio_out")
+    assert marks[0].stage == "egress" and marks[0].turn == 1
+
+
+async def test_cancel_cuts_the_reply_reports_what_was_heard_and_drops_late_frames(
+    stack: Stack, bus: Bus, session_id: str
+) -> None:
+    await start_egress(stack)
+    await open_session(bus, ev.SessionSpec(session=session_id), stages=("egress",))
+    frames = reply(session_id, 1, 100)
+    async with Tap(bus, session_id) as tap:
+        await send_reply(bus, frames[:90], end=False)
+        await played(tap, turn=1, frames=21)
+        cancel = await bus.publish(sj.CONTROL, ev.Cancel(session=session_id, turn=1, generation=0))
+        (ack,) = await tap.wait(ev.ControlAck, lambda a: a.stage == "egress")
+        acked_at = next(n for n, (_, e, _) in enumerate(tap.events) if e is ack)
+        (stopped,) = await tap.wait(ev.PlayoutStopped)
+        # the rest of the cancelled reply arrives late; then a next reply, to know egress went on
+        await send_reply(bus, frames[90:], end=False)
+        await bus.publish(sj.AUDIO_OUT, ev.AgentAudioEnd(session=session_id, turn=1, frames=100))
+        await send_reply(bus, reply(session_id, 2, 10))
+        await tap.wait(ev.PlayoutStopped, lambda s: s.turn == 2)
+    out = media_out(tap, 1)
+    assert [i for i, _ in out] == list(range(len(out)))
+    assert (ack.acked, ack.turn, ack.acked_seq) == ("Cancel", 1, cancel.seq)
+    assert not stopped.completed and stopped.turn == 1
+    assert stopped.played_ms == len(out) * 20 == ack.played_ms
+    assert 20 * 21 <= stopped.played_ms < 90 * 20
+    assert stopped.dropped_frames == 90 - len(out)
+    heard = stopped.heard_text.split()
+    assert heard == FULL_TEXT.split()[: len(heard)] and 0 < len(heard) < 10
+    after_ack = [
+        e
+        for s, e, _ in tap.events[acked_at:]
+        if s == sj.MEDIA_OUT.subject(session_id) and isinstance(e, ev.AgentAudioFrame) and e.turn == 1
+    ]
+    assert not after_ack, (
+        f"frames of the cancelled reply played after the ack: {[e.index for e in after_ack]}"
+    )
+    assert [i for i, _ in media_out(tap, 2)] == list(range(10))
+
+
+async def test_file_sink_and_recording_put_each_voice_where_it_was_heard(
+    stack: Stack, bus: Bus, session_id: str, tmp_path: Path
+) -> None:
+    await start_egress(stack)
+    sink_path, rec_path = tmp_path / "agent.wav", tmp_path / "conversation.wav"
+    opened_ns = time.time_ns()
+    spec = ev.SessionSpec(
+        session=session_id,
+        sink="file",
+        sink_uri=str(sink_path),
+        recording_path=str(rec_path),
+        output_rate=RATE,
+        opened_ts=opened_ns,
+    )
+    await open_session(bus, spec, stages=("egress",))
+    rng = np.random.default_rng(5)
+    loud = range(25, 50)  # the caller speaks from frame 25 to 49
+
+    def caller_frame(i: int) -> ev.UserAudioFrame:
+        pcm = (rng.normal(0, 6000, 320) if i in loud else np.zeros(320)).astype("<i2").tobytes()
+        return ev.UserAudioFrame(session=session_id, index=i, pcm=pcm)
+
+    async with Tap(bus, session_id) as tap:
+        t0 = time.monotonic()
+        for i in range(110):  # 2.2 s of caller audio on a real-time schedule
+            await asyncio.sleep(max(0.0, t0 + 0.02 * i - time.monotonic()))
+            await bus.publish(sj.AUDIO_IN, caller_frame(i))
+            if i == 60:  # the agent answers while the caller is silent
+                await send_reply(bus, reply(session_id, 1, 25))
+        (started,) = await tap.wait(ev.PlayoutStarted)
+        await tap.wait(ev.PlayoutStopped)
+        await end_session(bus, session_id)
+        await tap.wait(ev.ControlAck, lambda a: a.acked == "SessionEnded" and a.stage == "egress")
+    caller_ts = {e.index: e.ts for e in tap.of(ev.UserAudioFrame)}
+
+    def at(ts: int) -> int:
+        return round((ts - opened_ns) / 1e9 * RATE)
+
+    rec, rec_rate = read_wav(rec_path, channels=2)
+    agent, agent_rate = read_wav(sink_path, channels=1)
+    assert rec_rate == agent_rate == RATE
+    # the agent: 25 frames of tone (contiguous unless a stalled machine restarted the schedule),
+    # starting when playout started
+    a_start, a_end = voiced(rec[:, 1])
+    assert np.count_nonzero(rec[:, 1]) == 25 * FRAME // 2
+    assert abs(a_start - at(started.ts)) <= 0.02 * RATE
+    assert voiced(agent[:, 0]) == (a_start, a_end)  # the sink's track is the same voice at the same time
+    assert np.array_equal(agent[a_start:a_end, 0], rec[a_start:a_end, 1])
+    # the caller: on the left, from when frame 25 reached the ingress, 0.5 s long
+    c_start, c_end = voiced(rec[:, 0])
+    assert abs(c_start - at(caller_ts[25])) <= 0.01 * RATE
+    assert abs((c_end - c_start) - 0.5 * RATE) <= 0.01 * RATE
+    # each voice only on its own side; the recording covers the call up to its last caller frame
+    assert np.abs(rec[a_start:a_end, 0]).max() < 50 and not rec[c_start:c_end, 1].any()
+    assert len(rec) >= at(caller_ts[109]) + 320 * RATE // 16000 - 0.01 * RATE
+
+
+def read_wav(path: Path, channels: int) -> tuple[np.ndarray, int]:
+    with wave.open(str(path), "rb") as w:
+        assert (w.getnchannels(), w.getsampwidth()) == (channels, 2)
+        data = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").reshape(-1, channels)
+        return data, w.getframerate()
+
+
+def voiced(samples: np.ndarray, threshold: int = 500) -> tuple[int, int]:
+    """First and one-past-last sample louder than ``threshold``."""
+    loud = np.flatnonzero(np.abs(samples.astype(np.int32)) > threshold)
+    assert len(loud), "no audio where some was expected"
+    return int(loud[0]), int(loud[-1]) + 1
+
+
+async def test_a_successor_plays_the_rest_of_the_reply_after_the_owner_is_killed(
+    stack: Stack, bus: Bus, session_id: str
+) -> None:
+    await start_egress(stack, 2, VB_EGRESS_CHECKPOINT_S="0.1")
+    owners = await open_session(bus, ev.SessionSpec(session=session_id), stages=("egress",))
+    frames = 150
+    async with Tap(bus, session_id) as tap:
+        await send_reply(bus, reply(session_id, 1, frames))
+        await played(tap, turn=1, frames=41)
+        (victim,) = [p for p in stack.of("egress") if p.replica == owners["egress"].replica]
+        stack.kill(victim, signal.SIGKILL)
+        killed_at = len(media_out(tap, 1))
+        (stopped,) = await tap.wait(ev.PlayoutStopped, timeout=20)
+    indices = [i for i, _ in media_out(tap, 1)]
+    assert set(indices) == set(range(frames))
+    replayed = len(indices) - frames
+    # frames played after the last checkpoint (0.1 s = 5 frames) play again, nothing more
+    assert 0 <= replayed <= 10, f"{replayed} frames played twice"
+    assert indices[:killed_at] == list(range(killed_at))
+    assert len(tap.of(ev.PlayoutStarted)) == 1  # the successor continued the reply, it did not restart it
+    assert stopped.completed and stopped.played_ms == frames * 20
+    assert stopped.heard_text == " ".join([FULL_TEXT] * 3)
+
+
+async def test_bad_input_is_reported_and_the_session_goes_on(stack: Stack, bus: Bus, session_id: str) -> None:
+    await start_egress(stack)
+    await open_session(bus, ev.SessionSpec(session=session_id, output_rate=24000), stages=("egress",))
+    async with Tap(bus, session_id) as tap:
+        await bus.nc.publish(sj.AUDIO_OUT.subject(session_id), b"\xc1 not msgpack")
+        wrong_rate = ev.AgentAudioFrame(
+            session=session_id, turn=1, index=0, chunk=0, pcm=b"\0" * ev.frame_bytes(16000), sample_rate=16000
+        )
+        await bus.publish(sj.AUDIO_OUT, wrong_rate)
+        errors = await tap.wait(ev.ErrorEvent, count=2)
+        assert {e.code for e in errors} == {"malformed"}
+        (refused,) = [e for e in errors if "Hz" in e.message]
+        assert refused.stage == "egress" and refused.turn == 1
+        await send_reply(bus, reply(session_id, 2, 10))
+        (stopped,) = await tap.wait(ev.PlayoutStopped)
+    assert stopped.turn == 2 and stopped.completed and stopped.played_ms == 200
+    assert media_out(tap, 1) == []
