@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from proto import codec
 from proto import events as ev
 from proto import subjects as sj
 from services.runtime.bus import Bus
@@ -78,6 +79,18 @@ def media_out(tap: Tap, turn: int) -> list[tuple[int, float]]:
         for s, e, t in tap.events
         if s == subject and isinstance(e, ev.AgentAudioFrame) and e.turn == turn
     ]
+
+
+async def speak(bus: Bus, session: str, frames: int, loud: set[int], t0_ns: int) -> None:
+    """The ingress's side: caller frames on a real-time schedule, frame i stamped t0 + 20 ms * i (as
+    an ingress pacing a file does), so where each belongs in the recording is known exactly."""
+    rng = np.random.default_rng(5)
+    t0 = time.monotonic()
+    for i in range(frames):
+        await asyncio.sleep(max(0.0, t0 + 0.02 * i - time.monotonic()))
+        pcm = (rng.normal(0, 6000, 320) if i in loud else np.zeros(320)).astype("<i2").tobytes()
+        frame = ev.UserAudioFrame(session=session, index=i, pcm=pcm, seq=i + 1, ts=t0_ns + i * 20_000_000)
+        await bus.nc.publish(sj.AUDIO_IN.subject(session), codec.encode(frame))
 
 
 async def played(tap: Tap, turn: int, frames: int) -> None:
@@ -178,25 +191,19 @@ async def test_file_sink_and_recording_put_each_voice_where_it_was_heard(
         opened_ts=opened_ns,
     )
     await open_session(bus, spec, stages=("egress",))
-    rng = np.random.default_rng(5)
-    loud = range(25, 50)  # the caller speaks from frame 25 to 49
-
-    def caller_frame(i: int) -> ev.UserAudioFrame:
-        pcm = (rng.normal(0, 6000, 320) if i in loud else np.zeros(320)).astype("<i2").tobytes()
-        return ev.UserAudioFrame(session=session_id, index=i, pcm=pcm)
-
+    loud = set(range(25, 50))  # the caller speaks from frame 25 to 49
     async with Tap(bus, session_id) as tap:
-        t0 = time.monotonic()
-        for i in range(110):  # 2.2 s of caller audio on a real-time schedule
-            await asyncio.sleep(max(0.0, t0 + 0.02 * i - time.monotonic()))
-            await bus.publish(sj.AUDIO_IN, caller_frame(i))
-            if i == 60:  # the agent answers while the caller is silent
-                await send_reply(bus, reply(session_id, 1, 25))
-        (started,) = await tap.wait(ev.PlayoutStarted)
-        await tap.wait(ev.PlayoutStopped)
+        speaking = asyncio.create_task(speak(bus, session_id, 110, loud, t0_ns := time.time_ns()))
+        try:
+            await tap.wait(ev.UserAudioFrame, lambda f: f.index == 60)
+            await send_reply(bus, reply(session_id, 1, 25))  # the agent answers while the caller is silent
+            (started,) = await tap.wait(ev.PlayoutStarted)
+            await tap.wait(ev.PlayoutStopped)
+            await speaking
+        finally:
+            speaking.cancel()
         await end_session(bus, session_id)
         await tap.wait(ev.ControlAck, lambda a: a.acked == "SessionEnded" and a.stage == "egress")
-    caller_ts = {e.index: e.ts for e in tap.of(ev.UserAudioFrame)}
 
     def at(ts: int) -> int:
         return round((ts - opened_ns) / 1e9 * RATE)
@@ -209,15 +216,17 @@ async def test_file_sink_and_recording_put_each_voice_where_it_was_heard(
     a_start, a_end = voiced(rec[:, 1])
     assert np.count_nonzero(rec[:, 1]) == 25 * FRAME // 2
     assert abs(a_start - at(started.ts)) <= 0.02 * RATE
-    assert voiced(agent[:, 0]) == (a_start, a_end)  # the sink's track is the same voice at the same time
-    assert np.array_equal(agent[a_start:a_end, 0], rec[a_start:a_end, 1])
+    # the sink's track is the same voice at the same time
+    voice = np.flatnonzero(rec[:, 1])
+    assert np.array_equal(np.flatnonzero(agent[:, 0]), voice)
+    assert np.array_equal(agent[voice, 0], rec[voice, 1])
     # the caller: on the left, from when frame 25 reached the ingress, 0.5 s long
     c_start, c_end = voiced(rec[:, 0])
-    assert abs(c_start - at(caller_ts[25])) <= 0.01 * RATE
+    assert abs(c_start - at(t0_ns + 25 * 20_000_000)) <= 0.005 * RATE
     assert abs((c_end - c_start) - 0.5 * RATE) <= 0.01 * RATE
     # each voice only on its own side; the recording covers the call up to its last caller frame
     assert np.abs(rec[a_start:a_end, 0]).max() < 50 and not rec[c_start:c_end, 1].any()
-    assert len(rec) >= at(caller_ts[109]) + 320 * RATE // 16000 - 0.01 * RATE
+    assert len(rec) >= at(t0_ns + 110 * 20_000_000) - 0.005 * RATE
 
 
 def read_wav(path: Path, channels: int) -> tuple[np.ndarray, int]:
@@ -227,11 +236,19 @@ def read_wav(path: Path, channels: int) -> tuple[np.ndarray, int]:
         return data, w.getframerate()
 
 
-def voiced(samples: np.ndarray, threshold: int = 500) -> tuple[int, int]:
-    """First and one-past-last sample louder than ``threshold``."""
-    loud = np.flatnonzero(np.abs(samples.astype(np.int32)) > threshold)
-    assert len(loud), "no audio where some was expected"
-    return int(loud[0]), int(loud[-1]) + 1
+def voiced(samples: np.ndarray) -> tuple[int, int]:
+    """Start of the first and end of the last loud stretch."""
+    found = spans(samples)
+    assert found, "no audio where some was expected"
+    return found[0][0], found[-1][1]
+
+
+def spans(samples: np.ndarray, threshold: float = 2400.0, window: int = 48) -> list[tuple[int, int]]:
+    """Stretches whose mean level over ``window`` samples (2 ms) is above ``threshold`` (about half
+    the level of the test's voices, so that the edges fall where the voices start and end)."""
+    level = np.convolve(np.abs(samples.astype(np.float64)), np.ones(window) / window, mode="same")
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], (level > threshold).astype(np.int8), [0]])))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
 
 
 async def test_a_successor_plays_the_rest_of_the_reply_after_the_owner_is_killed(
@@ -275,3 +292,52 @@ async def test_bad_input_is_reported_and_the_session_goes_on(stack: Stack, bus: 
         (stopped,) = await tap.wait(ev.PlayoutStopped)
     assert stopped.turn == 2 and stopped.completed and stopped.played_ms == 200
     assert media_out(tap, 1) == []
+
+
+async def test_a_handover_mid_reply_continues_the_reply_and_both_wav_files(
+    stack: Stack, bus: Bus, session_id: str, tmp_path: Path
+) -> None:
+    await start_egress(stack, 2, VB_DRAIN_TIMEOUT="0")
+    sink_path, rec_path = tmp_path / "agent.wav", tmp_path / "conversation.wav"
+    opened_ns = time.time_ns()
+    spec = ev.SessionSpec(
+        session=session_id,
+        sink="file",
+        sink_uri=str(sink_path),
+        recording_path=str(rec_path),
+        opened_ts=opened_ns,
+    )
+    owners = await open_session(bus, spec, stages=("egress",))
+    loud = {*range(10, 25), *range(130, 145)}  # the caller speaks before and after the handover
+    async with Tap(bus, session_id) as tap:
+        speaking = asyncio.create_task(speak(bus, session_id, 160, loud, t0_ns := time.time_ns()))
+        try:
+            await tap.wait(ev.UserAudioFrame, lambda f: f.index == 30)
+            await send_reply(bus, reply(session_id, 1, 50))
+            await tap.wait(ev.PlayoutStarted)
+            await asyncio.sleep(0.3)  # let part of the reply play before the drain
+            (victim,) = [p for p in stack.of("egress") if p.replica == owners["egress"].replica]
+            assert await asyncio.to_thread(stack.kill, victim, signal.SIGTERM) == 0
+            (stopped,) = await tap.wait(ev.PlayoutStopped, timeout=15)
+            await speaking
+        finally:
+            speaking.cancel()
+        await end_session(bus, session_id)
+        (ack,) = await tap.wait(ev.ControlAck, lambda a: a.acked == "SessionEnded" and a.stage == "egress")
+    assert ack.replica != victim.replica  # the successor finished the call
+    assert stopped.completed and stopped.played_ms == 1000
+    assert len(tap.of(ev.PlayoutStarted)) == 1
+    rec, _ = read_wav(rec_path, channels=2)
+    agent, _ = read_wav(sink_path, channels=1)
+    # a graceful handover plays nothing twice and loses nothing: 50 frames of the agent in both files
+    assert np.count_nonzero(rec[:, 1]) == np.count_nonzero(agent[:, 0]) == 50 * FRAME // 2
+
+    # the caller's speech from before the handover (written by the first replica) and after it, each
+    # where it was heard
+    def at(i: int) -> int:
+        return round((t0_ns + i * 20_000_000 - opened_ns) / 1e9 * RATE)
+
+    found = spans(rec[:, 0])
+    assert len(found) == 2, found
+    for (start, end), (first, last) in zip(found, [(10, 25), (130, 145)]):
+        assert abs(start - at(first)) <= 0.005 * RATE and abs(end - at(last)) <= 0.005 * RATE, found

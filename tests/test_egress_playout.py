@@ -34,9 +34,7 @@ def end(frames: int, turn: int = 1, generation: int = 0) -> ev.AgentAudioEnd:
     return ev.AgentAudioEnd(session="s1", turn=turn, generation=generation, frames=frames, text="full text")
 
 
-WORDS = tuple(
-    ev.WordTiming(text=w, start_ms=100 * i, end_ms=100 * i + 90) for i, w in enumerate("a b c d e".split())
-)
+WORDS = tuple(ev.WordTiming(text=w, start_ms=100 * i, end_ms=100 * i + 90) for i, w in enumerate("abcde"))
 
 
 def timeline(speed: float = 1.0, max_late_s: float = 0.06, stall_s: float = 5.0) -> Timeline:

@@ -75,10 +75,10 @@ class WavTrack:
         self.path, self.rate, self.channels = path, rate, channels
         self.base = 0  # first sample still open; earlier ones are final on disk
         self.extent = 0  # end of what was placed
-        self._ends = [0] * channels
+        self._snap = int(SNAP_S * rate)
+        self._ends = [-2 * self._snap] * channels  # nothing placed yet: nothing to continue
         self._buf = np.zeros((rate, channels), dtype="<i2")
         self._window = int(WINDOW_S * rate)
-        self._snap = int(SNAP_S * rate)
         self._writing: asyncio.Future[None] | None = None
 
     async def open(self, resume: bool) -> None:
@@ -92,7 +92,6 @@ class WavTrack:
             self.path.write_bytes(_header(self.rate, self.channels, 0))
             return
         self.base, self.extent = max(0, frames - self._window), frames
-        self._ends = [frames] * self.channels
         with open(self.path, "rb") as f:
             f.seek(HEADER_BYTES + self.base * self.channels * 2)
             tail = np.frombuffer(f.read((frames - self.base) * self.channels * 2), dtype="<i2")
@@ -184,8 +183,14 @@ class Recording:
         self._run = (0, 0)  # (position, frame index) where the current run of caller frames started
         self._next_index = -1
         self._pos = 0  # where the resampler's next output goes
-        #: Stream sequence of the last caller frame placed.
+        self._last_seq = 0
+        #: Stream sequence of the last caller frame placed in full (the resampler holds back the end
+        #: of the latest one): a successor re-reads the caller's audio after it.
         self.caller_seq = 0
+
+    def resume_after(self, seq: int) -> None:
+        """The caller's audio up to stream sequence ``seq`` is in the file already."""
+        self.caller_seq = self._last_seq = seq
 
     def caller(self, frame: UserAudioFrame, seq: int) -> None:
         """Place a caller frame where it was heard.
@@ -208,7 +213,7 @@ class Recording:
         out = self._resampler.resample_chunk(np.frombuffer(frame.pcm, dtype="<i2"))
         self.track.place(self.CALLER, self._pos, out)
         self._pos += len(out)
-        self._next_index, self.caller_seq = frame.index + 1, seq
+        self._next_index, self.caller_seq, self._last_seq = frame.index + 1, self._last_seq, seq
 
     def agent(self, pcm: bytes, at_s: float) -> None:
         """Place an agent frame at the session time it started playing."""

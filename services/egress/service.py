@@ -132,7 +132,8 @@ class EgressWorker(SessionWorker[EgressState]):
             # yet over (they were queued in its memory), caller audio not yet in the recording
             ctx.cursors[sj.AUDIO_OUT.name] = state.audio_out_seq
             if self.recording is not None:
-                ctx.cursors[sj.AUDIO_IN.name] = self.recording.caller_seq = state.caller_seq
+                ctx.cursors[sj.AUDIO_IN.name] = state.caller_seq
+                self.recording.resume_after(state.caller_seq)
         resume = ctx.how != "queue"
         try:
             self.sink = make_sink(ctx)
@@ -163,7 +164,7 @@ class EgressWorker(SessionWorker[EgressState]):
         if self._ended or not handover:
             return
         await self._stop_pacing()
-        await self._persist()
+        await self._persist(final=True)
         await self.reports.drain()
 
     async def _stop_pacing(self) -> None:
@@ -383,14 +384,17 @@ class EgressWorker(SessionWorker[EgressState]):
                 logger.exception("could not persist the playout of %s", self.ctx.session)
                 await self.ctx.report("internal", f"persisting playout failed: {e}", retryable=True)
 
-    async def _persist(self) -> None:
-        """Files first, then the checkpoint: the state never claims more than the files hold."""
+    async def _persist(self, final: bool = False) -> None:
+        """Files first, then the checkpoint: the state never claims more than the files hold.
+
+        ``final``: this replica is done with the session (a handover), write everything.
+        """
         self._dirty = False
         state = self.timeline.state(self.ctx.cursors.get(sj.AUDIO_OUT.name, 0))
         if self.recording is not None:
             state.caller_seq = self.recording.caller_seq
-            await self.recording.persist()
-        await self.sink.persist()
+            await self.recording.persist(final)
+        await self.sink.persist(final)
         await self.ctx.checkpoint(state)
 
 
