@@ -277,21 +277,46 @@ async def test_a_successor_plays_the_rest_of_the_reply_after_the_owner_is_killed
 
 async def test_bad_input_is_reported_and_the_session_goes_on(stack: Stack, bus: Bus, session_id: str) -> None:
     await start_egress(stack)
-    await open_session(bus, ev.SessionSpec(session=session_id, output_rate=24000), stages=("egress",))
     async with Tap(bus, session_id) as tap:
+        # a sink this egress does not serve yet: reported, and the call is played to the bus instead
+        spec = ev.SessionSpec(session=session_id, output_rate=24000, sink="livekit")
+        await open_session(bus, spec, stages=("egress",))
+        (unsupported,) = await tap.wait(ev.ErrorEvent)
+        assert unsupported.code == "internal" and "livekit" in unsupported.message
         await bus.nc.publish(sj.AUDIO_OUT.subject(session_id), b"\xc1 not msgpack")
         wrong_rate = ev.AgentAudioFrame(
             session=session_id, turn=1, index=0, chunk=0, pcm=b"\0" * ev.frame_bytes(16000), sample_rate=16000
         )
         await bus.publish(sj.AUDIO_OUT, wrong_rate)
-        errors = await tap.wait(ev.ErrorEvent, count=2)
-        assert {e.code for e in errors} == {"malformed"}
+        errors = await tap.wait(ev.ErrorEvent, lambda e: e.code == "malformed", count=2)
         (refused,) = [e for e in errors if "Hz" in e.message]
         assert refused.stage == "egress" and refused.turn == 1
         await send_reply(bus, reply(session_id, 2, 10))
         (stopped,) = await tap.wait(ev.PlayoutStopped)
     assert stopped.turn == 2 and stopped.completed and stopped.played_ms == 200
     assert media_out(tap, 1) == []
+    assert [i for i, _ in media_out(tap, 2)] == list(range(10))
+
+
+async def test_interrupt_stops_the_reply_and_later_generations_of_its_turn(
+    stack: Stack, bus: Bus, session_id: str
+) -> None:
+    await start_egress(stack)
+    await open_session(bus, ev.SessionSpec(session=session_id), stages=("egress",))
+    async with Tap(bus, session_id) as tap:
+        await send_reply(bus, reply(session_id, 1, 60))
+        await played(tap, turn=1, frames=5)
+        interrupt = await bus.publish(sj.CONTROL, ev.Interrupt(session=session_id, turn=1))
+        (ack,) = await tap.wait(ev.ControlAck, lambda a: a.stage == "egress")
+        (stopped,) = await tap.wait(ev.PlayoutStopped)
+        await send_reply(bus, reply(session_id, 1, 10, generation=1))  # too late: the caller barged in
+        await send_reply(bus, reply(session_id, 2, 10))
+        await tap.wait(ev.PlayoutStopped, lambda s: s.turn == 2)
+    assert (ack.acked, ack.turn, ack.acked_seq) == ("Interrupt", 1, interrupt.seq)
+    assert ack.played_ms == stopped.played_ms
+    assert not stopped.completed and 5 * 20 <= stopped.played_ms < 60 * 20
+    assert len(media_out(tap, 1)) == stopped.played_ms // 20  # generation 1 never played
+    assert [i for i, _ in media_out(tap, 2)] == list(range(10))
 
 
 async def test_a_handover_mid_reply_continues_the_reply_and_both_wav_files(

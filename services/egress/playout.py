@@ -65,7 +65,7 @@ class Reply:
         reached = self.next_index * FRAME_MS
         words = sorted((w for chunk in self.words.values() for w in chunk), key=lambda w: w.start_ms)
         text = " ".join(t for w in words if (completed or w.start_ms < reached) and (t := w.text.strip()))
-        return text or (self.text if completed else "")
+        return text or (self.text if completed and self.played else "")
 
 
 @dataclass(frozen=True, slots=True)

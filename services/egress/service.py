@@ -5,8 +5,7 @@ frame to the session's sink when it is due; ``PlayoutStarted``/``PlayoutStopped`
 what was heard. ``Cancel``/``Interrupt`` cut a reply at once and are acknowledged with what had
 played. With ``recording_path`` set, the caller's audio (``audio.in``) and the played frames are
 written as a stereo WAV. A keeper task makes the playout durable every ``VB_EGRESS_CHECKPOINT_S`` and
-when a reply is over: files first, then the checkpoint, so a successor never skips audio that is
-on disk only in the dead replica's memory.
+when a reply is over: the WAV files, then a checkpoint from which a successor plays on.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from proto.state import EgressState
 from services.egress.config import EgressConfig
 from services.egress.playout import Key, MonotonicClock, Play, Playout, Stop, Timeline
 from services.egress.recording import Recording, SessionTime
+from services.egress.reports import Reports
 from services.egress.sinks import BusSink, Sink, UnsupportedSink, make_sink
 from services.runtime import metrics, service, tracing
 from services.runtime.bus import Delivery
@@ -38,57 +38,22 @@ from services.runtime.service import SessionContext, SessionWorker
 
 logger = logging.getLogger("voicebus.egress")
 
-frames_total = Counter(
+_frames_total = Counter(
     "vb_egress_frames_total",
     "Agent frames by what became of them (played; queued; dropped as duplicate, stale, closed, cut, refused)",
     ["outcome"],
 )
+#: One child per outcome, looked up once: counting is on the per-frame path.
+frames = {
+    o: _frames_total.labels(o) for o in ("played", "queued", "duplicate", "stale", "closed", "cut", "refused")
+}
 pacing_lateness = Histogram(
     "vb_egress_pacing_lateness_seconds",
     "How much later than its place on the timeline a frame was handed to the sink",
-    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1),
+    buckets=(0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1),
 )
 #: How long SessionEnded waits for the caller's last frames to reach the recording.
 CALLER_CATCH_UP_S = 2.0
-#: How long closing a session waits for its reports to be published.
-REPORTS_DRAIN_S = 5.0
-
-
-class Reports:
-    """Egress's reports, published one at a time in the order things happened.
-
-    They go out off the pacing path: a slow JetStream acknowledgement never holds up a frame.
-    """
-
-    def __init__(self) -> None:
-        self._queue: asyncio.Queue[tuple[Callable[[], Awaitable[object]], asyncio.Future[None]]] = (
-            asyncio.Queue()
-        )
-
-    def send(self, publish: Callable[[], Awaitable[object]]) -> asyncio.Future[None]:
-        """Queue a publication; the future is done once it went out (or failed and was logged)."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((publish, done))
-        return done
-
-    async def run(self) -> None:
-        """Publish what is queued, until cancelled."""
-        while True:
-            publish, done = await self._queue.get()
-            try:
-                await publish()
-            except Exception:
-                logger.exception("could not publish a playout report")
-            finally:
-                if not done.done():
-                    done.set_result(None)
-                self._queue.task_done()
-
-    async def drain(self) -> None:
-        """Wait until everything queued went out (bounded: the bus may be gone)."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(REPORTS_DRAIN_S):
-                await self._queue.join()
 
 
 class EgressWorker(SessionWorker[EgressState]):
@@ -184,7 +149,7 @@ class EgressWorker(SessionWorker[EgressState]):
                 verdict, stops = self.timeline.push(
                     event, now, seq=delivery.stream_seq, parent=delivery.parent
                 )
-                frames_total.labels(verdict).inc()
+                frames[verdict].inc()
                 self._stopped(stops)
                 self.playout.wake()
                 self._update_quiet()
@@ -200,7 +165,7 @@ class EgressWorker(SessionWorker[EgressState]):
 
     async def _refuse(self, frame: ev.AgentAudioFrame) -> None:
         """A frame at another rate than the session's cannot be played; say so once per reply."""
-        frames_total.labels("refused").inc()
+        frames["refused"].inc()
         key = (frame.turn, frame.generation)
         if key not in self._refused:
             self._refused.add(key)
@@ -289,7 +254,7 @@ class EgressWorker(SessionWorker[EgressState]):
             await self.sink.play(play.frame, at_s)
         if self.recording is not None:
             self.recording.agent(play.frame.pcm, at_s)
-        frames_total.labels("played").inc()
+        frames["played"].inc()
         self._dirty = True
 
     async def _started(self, play: Play) -> trace.Span:
@@ -334,7 +299,7 @@ class EgressWorker(SessionWorker[EgressState]):
         """Report replies that are over: what was heard of each, and close their spans."""
         for stop in stops:
             reply = stop.reply
-            frames_total.labels("cut").inc(stop.dropped)
+            frames["cut"].inc(stop.dropped)
             stopped = ev.PlayoutStopped(
                 session=self.ctx.session,
                 turn=reply.turn,
@@ -385,16 +350,20 @@ class EgressWorker(SessionWorker[EgressState]):
                 await self.ctx.report("internal", f"persisting playout failed: {e}", retryable=True)
 
     async def _persist(self, final: bool = False) -> None:
-        """Files first, then the checkpoint: the state never claims more than the files hold.
+        """Write the files, then checkpoint (``final``: a handover, write everything).
 
-        ``final``: this replica is done with the session (a handover), write everything.
+        The playout state is taken together with the feeds' cursors (no await between them), so a
+        successor never skips a control event the state does not reflect. A crash loses from the
+        WAV files at most the frames played while they were being written.
         """
         self._dirty = False
-        state = self.timeline.state(self.ctx.cursors.get(sj.AUDIO_OUT.name, 0))
+        caller_seq = 0
         if self.recording is not None:
-            state.caller_seq = self.recording.caller_seq
+            caller_seq = self.recording.caller_seq
             await self.recording.persist(final)
         await self.sink.persist(final)
+        state = self.timeline.state(self.ctx.cursors.get(sj.AUDIO_OUT.name, 0))
+        state.caller_seq = caller_seq
         await self.ctx.checkpoint(state)
 
 
