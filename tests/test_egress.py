@@ -4,6 +4,7 @@ media.out, playout reports, cuts and their acks, the WAV sink and the recording,
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 import wave
@@ -176,20 +177,23 @@ async def test_cancel_cuts_the_reply_reports_what_was_heard_and_drops_late_frame
     assert [i for i, _ in media_out(tap, 2)] == list(range(10))
 
 
+def wav_session(session: str, folder: Path) -> ev.SessionSpec:
+    """A session played to a WAV file and recorded, opened now."""
+    return ev.SessionSpec(
+        session=session,
+        sink="file",
+        sink_uri=str(folder / "agent.wav"),
+        recording_path=str(folder / "conversation.wav"),
+        output_rate=RATE,
+        opened_ts=time.time_ns(),
+    )
+
+
 async def test_file_sink_and_recording_put_each_voice_where_it_was_heard(
     stack: Stack, bus: Bus, session_id: str, tmp_path: Path
 ) -> None:
     await start_egress(stack)
-    sink_path, rec_path = tmp_path / "agent.wav", tmp_path / "conversation.wav"
-    opened_ns = time.time_ns()
-    spec = ev.SessionSpec(
-        session=session_id,
-        sink="file",
-        sink_uri=str(sink_path),
-        recording_path=str(rec_path),
-        output_rate=RATE,
-        opened_ts=opened_ns,
-    )
+    spec = wav_session(session_id, tmp_path)
     await open_session(bus, spec, stages=("egress",))
     loud = set(range(25, 50))  # the caller speaks from frame 25 to 49
     async with Tap(bus, session_id) as tap:
@@ -206,10 +210,10 @@ async def test_file_sink_and_recording_put_each_voice_where_it_was_heard(
         await tap.wait(ev.ControlAck, lambda a: a.acked == "SessionEnded" and a.stage == "egress")
 
     def at(ts: int) -> int:
-        return round((ts - opened_ns) / 1e9 * RATE)
+        return round((ts - spec.opened_ts) / 1e9 * RATE)
 
-    rec, rec_rate = read_wav(rec_path, channels=2)
-    agent, agent_rate = read_wav(sink_path, channels=1)
+    rec, rec_rate = read_wav(Path(spec.recording_path), channels=2)
+    agent, agent_rate = read_wav(Path(spec.sink_uri), channels=1)
     assert rec_rate == agent_rate == RATE
     # the agent: 25 frames of tone (contiguous unless a stalled machine restarted the schedule),
     # starting when playout started
@@ -323,24 +327,15 @@ async def test_a_handover_mid_reply_continues_the_reply_and_both_wav_files(
     stack: Stack, bus: Bus, session_id: str, tmp_path: Path
 ) -> None:
     await start_egress(stack, 2, VB_DRAIN_TIMEOUT="0")
-    sink_path, rec_path = tmp_path / "agent.wav", tmp_path / "conversation.wav"
-    opened_ns = time.time_ns()
-    spec = ev.SessionSpec(
-        session=session_id,
-        sink="file",
-        sink_uri=str(sink_path),
-        recording_path=str(rec_path),
-        opened_ts=opened_ns,
-    )
+    spec = wav_session(session_id, tmp_path)
     owners = await open_session(bus, spec, stages=("egress",))
     loud = {*range(10, 25), *range(130, 145)}  # the caller speaks before and after the handover
     async with Tap(bus, session_id) as tap:
         speaking = asyncio.create_task(speak(bus, session_id, 160, loud, t0_ns := time.time_ns()))
         try:
             await tap.wait(ev.UserAudioFrame, lambda f: f.index == 30)
-            await send_reply(bus, reply(session_id, 1, 50))
+            await send_reply(bus, reply(session_id, 1, 100))  # 2 s: the handover falls in the middle
             await tap.wait(ev.PlayoutStarted)
-            await asyncio.sleep(0.3)  # let part of the reply play before the drain
             (victim,) = [p for p in stack.of("egress") if p.replica == owners["egress"].replica]
             assert await asyncio.to_thread(stack.kill, victim, signal.SIGTERM) == 0
             (stopped,) = await tap.wait(ev.PlayoutStopped, timeout=15)
@@ -350,19 +345,44 @@ async def test_a_handover_mid_reply_continues_the_reply_and_both_wav_files(
         await end_session(bus, session_id)
         (ack,) = await tap.wait(ev.ControlAck, lambda a: a.acked == "SessionEnded" and a.stage == "egress")
     assert ack.replica != victim.replica  # the successor finished the call
-    assert stopped.completed and stopped.played_ms == 1000
+    assert stopped.completed and stopped.played_ms == 2000
     assert len(tap.of(ev.PlayoutStarted)) == 1
-    rec, _ = read_wav(rec_path, channels=2)
-    agent, _ = read_wav(sink_path, channels=1)
-    # a graceful handover plays nothing twice and loses nothing: 50 frames of the agent in both files
-    assert np.count_nonzero(rec[:, 1]) == np.count_nonzero(agent[:, 0]) == 50 * FRAME // 2
+    rec, _ = read_wav(Path(spec.recording_path), channels=2)
+    agent, _ = read_wav(Path(spec.sink_uri), channels=1)
+    # a graceful handover plays nothing twice and loses nothing: 100 frames of the agent in both files,
+    # in (at least) two stretches: before and after the handover
+    assert np.count_nonzero(rec[:, 1]) == np.count_nonzero(agent[:, 0]) == 100 * FRAME // 2
+    assert len(spans(rec[:, 1])) >= 2
 
     # the caller's speech from before the handover (written by the first replica) and after it, each
     # where it was heard
     def at(i: int) -> int:
-        return round((t0_ns + i * 20_000_000 - opened_ns) / 1e9 * RATE)
+        return round((t0_ns + i * 20_000_000 - spec.opened_ts) / 1e9 * RATE)
 
     found = spans(rec[:, 0])
     assert len(found) == 2, found
     for (start, end), (first, last) in zip(found, [(10, 25), (130, 145)]):
         assert abs(start - at(first)) <= 0.005 * RATE and abs(end - at(last)) <= 0.005 * RATE, found
+
+
+async def test_the_playout_span_continues_the_trace_of_the_replys_first_frame(
+    stack: Stack, bus: Bus, session_id: str, tmp_path: Path
+) -> None:
+    trace_file = tmp_path / "traces.jsonl"
+    await start_egress(stack, VB_TRACE_EXPORTER="file", VB_TRACE_FILE=str(trace_file))
+    await open_session(bus, ev.SessionSpec(session=session_id), stages=("egress",))
+    from opentelemetry.sdk.trace import TracerProvider
+
+    frames = reply(session_id, 1, 5)
+    with TracerProvider().get_tracer("test").start_as_current_span("tts.reply") as parent:
+        await bus.publish(sj.AUDIO_OUT, frames[0])  # the current span rides in the headers
+        parent_ctx = parent.get_span_context()
+    async with Tap(bus, session_id) as tap:
+        await send_reply(bus, [*frames[1:], frames[0]])  # frame 0 again (without a trace): a duplicate
+        await tap.wait(ev.PlayoutStopped)
+    stack.stop()  # the replica flushes its spans on exit
+    spans_out = [json.loads(line) for line in trace_file.read_text().splitlines()]
+    (playout,) = [s for s in spans_out if s["name"] == "egress.playout"]
+    assert playout["context"]["trace_id"] == f"0x{parent_ctx.trace_id:032x}"
+    assert playout["parent_id"] == f"0x{parent_ctx.span_id:016x}"
+    assert playout["attributes"]["completed"] is True and playout["attributes"]["played_ms"] == 100

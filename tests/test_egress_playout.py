@@ -292,3 +292,33 @@ class VirtualClock:
         self.t = t
         self._moved.set()
         await self.parked.wait()
+
+
+async def test_a_frame_that_cannot_be_handed_out_does_not_stop_the_pacing() -> None:
+    clock = VirtualClock()
+    tl = timeline()
+    for i in range(5):
+        tl.push(frame(i), 0.0)
+    tl.end(end(5), 0.0)
+    played: list[int] = []
+    stopped: list[Stop] = []
+
+    async def play(p: Play) -> None:
+        if p.frame.index == 2:
+            raise ConnectionError("bus gone for a moment")
+        played.append(p.frame.index)
+
+    async def stop(s: Stop) -> None:
+        stopped.append(s)
+
+    playout = Playout(tl, clock, play, stop)
+    task = asyncio.create_task(playout.run())
+    try:
+        await clock.parked.wait()
+        while clock.until is not None:
+            await clock.advance(clock.until)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert played == [0, 1, 3, 4] and playout.failures == 1
+    assert len(stopped) == 1 and stopped[0].completed

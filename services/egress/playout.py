@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import logging
 import math
 import time
 from collections import Counter
@@ -24,6 +25,8 @@ from typing import Literal, Protocol
 
 from proto.events import FRAME_MS, AgentAudioEnd, AgentAudioFrame, WordTiming
 from proto.state import EgressState, ReplyPosition
+
+logger = logging.getLogger("voicebus.egress")
 
 Key = tuple[int, int]  # (turn, generation)
 Why = Literal["played", "cancelled", "interrupted", "superseded", "stalled", "ended"]
@@ -337,19 +340,25 @@ class Playout:
     ) -> None:
         self.timeline, self.clock, self._play, self._stop = timeline, clock, play, stop
         self._wake = asyncio.Event()
+        self.failures = 0
 
     def wake(self) -> None:
         """Something changed (a frame arrived, a reply was cut): look at the timeline again."""
         self._wake.set()
 
     async def run(self) -> None:
-        """Pace the session until cancelled."""
+        """Pace the session until cancelled; a frame that cannot be handed out is skipped, not fatal."""
         while True:
             self._wake.clear()  # before step(): a change made after it wakes the wait below
-            match self.timeline.step(self.clock.now()):
-                case Play() as play:
-                    await self._play(play)
-                case Stop() as stop:
-                    await self._stop(stop)
-                case Wait(until=until):
-                    await self.clock.wait(self._wake, until)
+            try:
+                match self.timeline.step(self.clock.now()):
+                    case Play() as play:
+                        await self._play(play)
+                    case Stop() as stop:
+                        await self._stop(stop)
+                    case Wait(until=until):
+                        await self.clock.wait(self._wake, until)
+            except Exception:
+                self.failures += 1
+                if self.failures in (1, 10) or self.failures % 1000 == 0:  # not once per frame
+                    logger.exception("playout failed (%d times so far); going on", self.failures)

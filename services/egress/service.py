@@ -249,6 +249,8 @@ class EgressWorker(SessionWorker[EgressState]):
             with trace.use_span(span, end_on_exit=False):  # the first frame carries the trace on
                 pacing_lateness.observe(self.clock.now() - play.due)
                 await self.sink.play(play.frame, at_s)
+            mark = functools.partial(self.ctx.mark, play.reply.turn, "first_audio_out", time.time_ns())
+            self.reports.send(mark)
         else:
             pacing_lateness.observe(self.clock.now() - play.due)
             await self.sink.play(play.frame, at_s)
@@ -274,7 +276,6 @@ class EgressWorker(SessionWorker[EgressState]):
         sent = self.reports.send(
             self._in_span(span, functools.partial(self.ctx.publish, sj.PLAYOUT, started))
         )
-        self.reports.send(functools.partial(self.ctx.mark, reply.turn, "first_audio_out", time.time_ns()))
         try:
             async with asyncio.timeout(self.cfg.report_wait_ms / 1000):
                 await asyncio.shield(sent)
