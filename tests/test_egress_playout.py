@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 
 import pytest
 
@@ -39,6 +40,15 @@ WORDS = tuple(ev.WordTiming(text=w, start_ms=100 * i, end_ms=100 * i + 90) for i
 
 def timeline(speed: float = 1.0, max_late_s: float = 0.06, stall_s: float = 5.0) -> Timeline:
     return Timeline(FRAME_S / speed, max_late_s=max_late_s / speed, stall_s=stall_s)
+
+
+def whole_reply(frames: int) -> Timeline:
+    """A timeline holding a whole reply of ``frames`` frames, all arrived at 0 (a TTS far ahead)."""
+    tl = timeline()
+    for i in range(frames):
+        tl.push(frame(i), 0.0)
+    tl.end(end(frames), 0.0)
+    return tl
 
 
 def drive(tl: Timeline, start: float = 0.0, until: float | None = None) -> tuple[list[Play], list[Stop]]:
@@ -93,11 +103,7 @@ def test_a_stalled_loop_re_anchors_instead_of_bursting() -> None:
 
 
 async def test_pacing_task_keeps_an_absolute_schedule_over_500_frames_despite_late_wake_ups() -> None:
-    clock = VirtualClock()
-    tl = timeline()
-    for i in range(500):
-        tl.push(frame(i), 0.0)
-    tl.end(end(500), 0.0)
+    clock, tl = VirtualClock(), whole_reply(500)
     played: list[tuple[int, float, float]] = []
     stopped: list[Stop] = []
 
@@ -107,15 +113,8 @@ async def test_pacing_task_keeps_an_absolute_schedule_over_500_frames_despite_la
     async def stop(s: Stop) -> None:
         stopped.append(s)
 
-    task = asyncio.create_task(Playout(tl, clock, play, stop).run())
     rng = random.Random(3)
-    try:
-        await clock.parked.wait()
-        while clock.until is not None:
-            await clock.advance(clock.until + rng.uniform(0.0, 0.004))  # every wake-up up to 4 ms late
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    await run_paced(Playout(tl, clock, play, stop), clock, late=lambda: rng.uniform(0.0, 0.004))
     assert [i for i, _, _ in played] == list(range(500))
     # each frame is scheduled from the previous one's scheduled end, not from when the task woke up:
     # 500 late wake-ups (about 2 ms each) add up to nothing
@@ -261,6 +260,18 @@ def test_a_successor_restored_from_state_plays_only_the_rest() -> None:
     assert stop.reply.heard_text(True) == "a b c d e"  # words of frames played before the takeover count
 
 
+async def run_paced(playout: Playout, clock: VirtualClock, late: Callable[[], float] = lambda: 0.0) -> None:
+    """Run the pacing task until it waits for input; each wake-up comes ``late()`` after its deadline."""
+    task = asyncio.create_task(playout.run())
+    try:
+        await clock.parked.wait()
+        while clock.until is not None:
+            await clock.advance(clock.until + late())
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 class VirtualClock:
     """Time moves only when the test advances it; the pacing task parks in ``wait`` in between."""
 
@@ -295,11 +306,7 @@ class VirtualClock:
 
 
 async def test_a_frame_that_cannot_be_handed_out_does_not_stop_the_pacing() -> None:
-    clock = VirtualClock()
-    tl = timeline()
-    for i in range(5):
-        tl.push(frame(i), 0.0)
-    tl.end(end(5), 0.0)
+    clock, tl = VirtualClock(), whole_reply(5)
     played: list[int] = []
     stopped: list[Stop] = []
 
@@ -312,13 +319,6 @@ async def test_a_frame_that_cannot_be_handed_out_does_not_stop_the_pacing() -> N
         stopped.append(s)
 
     playout = Playout(tl, clock, play, stop)
-    task = asyncio.create_task(playout.run())
-    try:
-        await clock.parked.wait()
-        while clock.until is not None:
-            await clock.advance(clock.until)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    await run_paced(playout, clock)
     assert played == [0, 1, 3, 4] and playout.failures == 1
     assert len(stopped) == 1 and stopped[0].completed

@@ -33,6 +33,9 @@ SNAP_S = 0.005
 WINDOW_S = 1.0
 #: A caller frame this far from where its stream says it belongs starts a new run at its arrival time.
 REANCHOR_S = 0.25
+#: A caller frame stamped this far ahead of this replica's clock has a broken timestamp; it is left out
+#: (placing it would fill the file with silence up to it).
+FUTURE_S = 5.0
 _HEADER = struct.Struct("<4sI4s4sIHHIIHH4sI")
 
 
@@ -192,14 +195,17 @@ class Recording:
         """The caller's audio up to stream sequence ``seq`` is in the file already."""
         self.caller_seq = self._last_seq = seq
 
-    def caller(self, frame: UserAudioFrame, seq: int) -> None:
-        """Place a caller frame where it was heard.
+    def caller(self, frame: UserAudioFrame, seq: int) -> bool:
+        """Place a caller frame where it was heard; False if its timestamp is from the future.
 
         Frames follow each other in stream order from an anchor: the time the run's first frame
         reached the ingress. A gap in the indices or a source drifting from its timestamps starts a
         new run.
         """
-        heard = round(self.clock.of_wall(frame.ts) * self.rate)
+        heard_s = self.clock.of_wall(frame.ts)
+        if heard_s > self.clock.of_wall(time.time_ns()) + FUTURE_S * self.clock.speed:
+            return False
+        heard = round(heard_s * self.rate)
         start, index0 = self._run
         expected = start + (frame.index - index0) * self._frame
         if (
@@ -214,6 +220,7 @@ class Recording:
         self.track.place(self.CALLER, self._pos, out)
         self._pos += len(out)
         self._next_index, self.caller_seq, self._last_seq = frame.index + 1, self._last_seq, seq
+        return True
 
     def agent(self, pcm: bytes, at_s: float) -> None:
         """Place an agent frame at the session time it started playing."""

@@ -79,6 +79,7 @@ class EgressWorker(SessionWorker[EgressState]):
         self.reports = Reports()
         self._spans: dict[Key, trace.Span] = {}
         self._refused: set[Key] = set()
+        self._bad_caller_ts = False
         self._dirty = False
         self._persist_now = asyncio.Event()
         self._quiet = asyncio.Event()  # no reply in flight
@@ -158,7 +159,11 @@ class EgressWorker(SessionWorker[EgressState]):
                 self.playout.wake()
                 self._update_quiet()
             case ev.UserAudioFrame() if self.recording is not None:
-                self.recording.caller(event, delivery.stream_seq)
+                placed = self.recording.caller(event, delivery.stream_seq)
+                if not placed and not self._bad_caller_ts:
+                    self._bad_caller_ts = True
+                    message = f"caller frame {event.index} is stamped in the future: not recorded"
+                    await self.ctx.report("malformed", message)
                 self._dirty = True
         if delivery.subject.endswith(sj.AUDIO_IN.name):
             self._caller_seen.set()
