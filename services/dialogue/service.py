@@ -30,9 +30,10 @@ from services.dialogue.config import DialogueConfig
 from services.dialogue.engines.base import LlmDelta, LlmEngine, LlmRequest, TextDelta
 from services.dialogue.history import History
 from services.dialogue.reply import Reply, ReplyKind, Watchdog
+from services.runtime import log as logs
 from services.runtime import service
 from services.runtime.bus import Delivery
-from services.runtime.config import load
+from services.runtime.config import RuntimeConfig, load
 from services.runtime.service import SessionContext
 
 log = logging.getLogger("voicebus.dialogue")
@@ -225,6 +226,8 @@ class DialogueWorker(service.SessionWorker[DialogueState]):
 def main() -> int:
     """Run one dialogue replica; the LLM is loaded before the replica says it is ready."""
     cfg = load(DialogueConfig)
+    runtime = load(RuntimeConfig)
+    logs.setup(runtime.log_level, redact_pii=runtime.redact_pii)  # the model load logs too
     engine = engines.create(cfg)
     try:
         return service.run("dialogue", lambda ctx: DialogueWorker(ctx, engine, cfg), state_type=DialogueState)

@@ -92,6 +92,8 @@ class LocalEngine(LlmEngine):
         started = time.monotonic()
         try:
             server = xllamacpp.Server(params)
+            # one token through the whole path, so the first caller does not pay for cold pages
+            server.handle_chat_completions({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})
         except RuntimeError as e:
             raise LlmError(f"llama.cpp could not load {model_path}: {e}") from e
         log.info("loaded %s in %.1f s", model_path.name, time.monotonic() - started)
