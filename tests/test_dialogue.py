@@ -84,6 +84,12 @@ def spoken(chunks: list[ev.ReplyChunk]) -> str:
     return " ".join(c.text for c in chunks if c.text)
 
 
+async def story_started(bus: Bus, tap: Tap, session: str) -> None:
+    """Turn 1 asks for the long story; returns once its first chunk is out (the rest still streams)."""
+    await bus.publish(sj.TURN, user_turn(session, 1, "Tell me a story"))
+    await tap.wait(ev.ReplyChunk, lambda c: c.turn == 1)
+
+
 async def saved_state(bus: Bus, session: str, until: Callable[[DialogueState], bool]) -> DialogueState:
     """The dialogue's checkpoint of ``session``, once one satisfies ``until`` (watching the bucket)."""
     kv: KeyValue = bus.kv[sj.STATE_BUCKET]
@@ -166,8 +172,7 @@ async def test_a_new_turn_cancels_the_reply_still_being_generated(
     await start_dialogue(stack, tmp_path, token_ms=100)
     await open_session(bus, ev.SessionSpec(session=session_id), stages=("dialogue",))
     async with Tap(bus, session_id) as tap:
-        await bus.publish(sj.TURN, user_turn(session_id, 1, "Tell me a story"))
-        await tap.wait(ev.ReplyChunk, lambda c: c.turn == 1)
+        await story_started(bus, tap, session_id)
         await bus.publish(sj.TURN, user_turn(session_id, 2, "Actually, how is the weather?"))
         (cancel,) = await tap.wait(ev.Cancel)
         second = await reply_to(tap, 2)
@@ -239,8 +244,7 @@ async def test_control_events_stop_the_reply_and_are_acknowledged(
     await start_dialogue(stack, tmp_path, token_ms=100)
     await open_session(bus, ev.SessionSpec(session=session_id), stages=("dialogue",))
     async with Tap(bus, session_id) as tap:
-        await bus.publish(sj.TURN, user_turn(session_id, 1, "Tell me a story"))
-        await tap.wait(ev.ReplyChunk, lambda c: c.turn == 1)
+        await story_started(bus, tap, session_id)
         stop: ev.Event = (
             ev.Interrupt(session=session_id, turn=1)
             if control == "interrupt"
