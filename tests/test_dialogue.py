@@ -11,7 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
+from opentelemetry.sdk.trace import TracerProvider
 
 from proto import codec
 from proto import events as ev
@@ -129,6 +131,42 @@ async def test_reply_streams_in_chunks_as_soon_as_they_are_speakable(
     assert (chunks[-1].ts - chunks[0].ts) / 1e9 >= (words_after_first - 1) * token_s
     at = {m.mark: m.at_ns for m in marks}
     assert at["llm_request"] <= at["llm_first_token"] <= at["first_chunk"] <= chunks[0].ts
+
+
+async def test_the_reply_span_continues_the_turn_trace(
+    stack: Stack, bus: Bus, session_id: str, tmp_path: Path
+) -> None:
+    trace_file = tmp_path / "traces.jsonl"
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps(SCRIPT))
+    env = {"VB_LLM_ENGINE": "scripted", "VB_TRACE_EXPORTER": "file", "VB_TRACE_FILE": str(trace_file)}
+    await stack.wait_ready_async([stack.spawn("dialogue", env=env)])
+    await open_session(bus, ev.SessionSpec(session=session_id), stages=("dialogue",))
+    chunk_headers: list[dict[str, str]] = []
+
+    async def on_chunk(msg: Msg) -> None:
+        chunk_headers.append(msg.headers or {})
+
+    sub = await bus.nc.subscribe(sj.REPLY.subject(session_id), cb=on_chunk)
+    with TracerProvider().get_tracer("test").start_as_current_span("turn") as turn_span:
+        parent = turn_span.get_span_context()
+        async with Tap(bus, session_id) as tap:
+            await bus.publish(sj.TURN, user_turn(session_id, 1, "Hello"))
+            chunks = await reply_to(tap, 1)
+    await sub.unsubscribe()
+    stack.stop()  # the stage flushes its spans on exit
+
+    spans = [json.loads(line) for line in trace_file.read_text().splitlines()]
+    (reply,) = [s for s in spans if s["name"] == "dialogue.reply"]
+    trace_id = f"0x{parent.trace_id:032x}"
+    assert reply["context"]["trace_id"] == trace_id
+    assert reply["parent_id"] == f"0x{parent.span_id:016x}"
+    assert reply["attributes"]["turn"] == 1 and reply["attributes"]["chunks"] == len(chunks)
+    assert {"llm_ttft_ms", "first_chunk_ms"} <= set(reply["attributes"])
+    # every chunk carries the reply span's context, so TTS continues the same trace
+    span_id = reply["context"]["span_id"].removeprefix("0x")
+    assert {h.get("traceparent", "").split("-")[2] for h in chunk_headers} == {span_id}
+    assert len(chunk_headers) == len(chunks)
 
 
 async def test_history_follows_what_the_caller_heard(

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from opentelemetry import trace
 from opentelemetry.context import Context
 from prometheus_client import Counter
 
@@ -178,10 +179,15 @@ class Reply:
             self.ctx.spawn(self.ctx.mark(self.turn, mark, at_ns or time.time_ns()), f"mark:{mark}")
 
     def _observe(self, phase: str) -> None:
+        """A phase of the turn, from the LLM request: into the latency histogram and onto the span."""
         if self.uses_llm:
-            metrics.turn_phase.labels("dialogue", phase).observe(time.monotonic() - self._requested)
+            seconds = time.monotonic() - self._requested
+            metrics.turn_phase.labels("dialogue", phase).observe(seconds)
+            trace.get_current_span().set_attribute(f"{phase}_ms", round(seconds * 1000, 1))
 
     def _count(self, usage: Usage) -> None:
+        span = trace.get_current_span()
         for kind in ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens"):
             if n := getattr(usage, kind):
                 llm_tokens.labels(self.engine, kind.removesuffix("_tokens")).inc(n)
+                span.set_attribute(f"llm.{kind}", n)
