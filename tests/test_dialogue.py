@@ -4,6 +4,7 @@ regenerates a reply cut off by a crash, and bad input is reported while the sess
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import time
@@ -39,11 +40,13 @@ SCRIPT = [
 ]
 
 
-async def start_dialogue(stack: Stack, tmp_path: Path, replicas: int = 1, token_ms: int = 0) -> None:
+async def start_dialogue(
+    stack: Stack, tmp_path: Path, replicas: int = 1, token_ms: int = 0, **settings: str
+) -> None:
     script = tmp_path / "script.json"
     script.write_text(json.dumps(SCRIPT))
     env = {"VB_LLM_ENGINE": "scripted", "VB_LLM_SCRIPT": str(script), "VB_LLM_SCRIPT_TOKEN_MS": str(token_ms)}
-    await stack.wait_ready_async([stack.spawn("dialogue", env=env) for _ in range(replicas)])
+    await stack.wait_ready_async([stack.spawn("dialogue", env=env | settings) for _ in range(replicas)])
 
 
 def user_turn(session: str, turn: int, text: str) -> ev.UserTurnEnded:
@@ -254,6 +257,41 @@ async def test_a_peer_regenerates_a_reply_cut_off_by_a_crash(
     assert not any(c.last for c in chunks_of(tap, 2, generation=0))
     assert all(c.seq >> 32 == 2 for c in regenerated)  # published under the successor's claim
     assert len(chunks_of(tap, 1)) == len(first)  # the finished reply was not generated again
+
+
+async def test_sigterm_lets_the_reply_finish_and_hands_the_conversation_over(
+    stack: Stack, bus: Bus, session_id: str, tmp_path: Path
+) -> None:
+    await start_dialogue(stack, tmp_path, replicas=2, token_ms=60)
+    owners = await open_session(bus, ev.SessionSpec(session=session_id), stages=("dialogue",))
+    async with Tap(bus, session_id) as tap:
+        await story_started(bus, tap, session_id)
+        (owner,) = [p for p in stack.of("dialogue") if p.replica == owners["dialogue"].replica]
+        assert await asyncio.to_thread(stack.kill, owner, signal.SIGTERM) == 0  # once it has drained
+        story = await reply_to(tap, 1)
+        await bus.publish(sj.PLAYOUT, played(session_id, 1, spoken(story)))
+        await bus.publish(sj.TURN, user_turn(session_id, 2, "Do you remember?"))
+        answer = await reply_to(tap, 2)
+
+    assert story[-1].last and spoken(story) == STORY.format(messages=1)
+    assert not tap.of(ev.Cancel) and not tap.of(ev.ReplyChunk, lambda c: c.generation > 0)
+    assert spoken(answer) == "I have 3 messages so far."
+    assert answer[0].seq >> 32 == 2  # answered by the peer
+
+
+async def test_a_silent_engine_is_given_up_on(
+    stack: Stack, bus: Bus, session_id: str, tmp_path: Path
+) -> None:
+    await start_dialogue(stack, tmp_path, token_ms=2000, VB_LLM_FIRST_TOKEN_TIMEOUT="0.2")
+    await open_session(bus, ev.SessionSpec(session=session_id), stages=("dialogue",))
+    async with Tap(bus, session_id) as tap:
+        await bus.publish(sj.TURN, user_turn(session_id, 1, "Hello"))
+        (closing,) = await reply_to(tap, 1)
+        (error,) = await tap.wait(ev.ErrorEvent)
+
+    assert (closing.index, closing.text, closing.last) == (0, "", True)  # TTS is not left waiting
+    assert (error.code, error.turn, error.retryable) == ("provider", 1, True)
+    assert "no token for 0.2 s" in error.message
 
 
 async def test_bad_input_is_reported_and_the_session_goes_on(
