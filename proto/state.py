@@ -41,8 +41,9 @@ class DialogueState(StageState, kw_only=True):
     """The conversation and where its replies stand.
 
     ``last_turn`` is the latest turn a reply was asked for (0: the greeting) and ``generation`` the
-    generation of that reply; ``answered_turn`` the latest turn whose reply was generated to the end.
-    A successor that finds ``last_turn > answered_turn`` regenerates that reply with the next generation.
+    generation of that reply; ``answered_turn`` the latest turn whose reply needs no more generating
+    (it went out to the end, or a Cancel or Interrupt stopped it). A successor that finds
+    ``last_turn > answered_turn`` regenerates that reply with the next generation.
     """
 
     history: list[DialogueMessage] = []

@@ -23,8 +23,8 @@ class DialogueConfig:
     llm_threads: int = setting(
         "VB_LLM_THREADS",
         1,
-        "CPU threads of the local engine. More is faster only on idle cores: llama.cpp's threads wait "
-        "for each other at every step, and on a busy 2-core machine 2 threads ran 5-10x slower than 1.",
+        "CPU threads of the local engine. More helps only on idle cores: llama.cpp's threads wait for "
+        "each other at every token, and on a busy 2-core machine 2 threads ran several times slower than 1.",
     )
     llm_parallel: int = setting(
         "VB_LLM_PARALLEL", 2, "Replies the local engine generates at once; more wait for a free slot."
