@@ -14,6 +14,7 @@ from services.runtime.bus import Bus
 from services.runtime.config import RuntimeConfig, load
 from services.tools.stack import Stack
 from tests.support.nats import ContainerNats, NatsServer, make_server
+from tests.support.netns import NetnsUnavailable, veth_address
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,6 +26,16 @@ def nats_server() -> Iterator[NatsServer | ContainerNats]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def veth_host() -> Iterator[str]:
+    """An address of a non-loopback interface made for the tests (libwebrtc ignores loopback)."""
+    try:
+        with veth_address() as address:
+            yield address
+    except NetnsUnavailable as e:
+        pytest.skip(str(e))
 
 
 def runtime_config(url: str, **overrides: object) -> RuntimeConfig:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,7 +29,6 @@ from services.livekit.listener import CallerListener
 from services.livekit.room import RoomTarget
 from tests.fakes.livekit_media import dominant_hz, onsets, rms, tone
 from tests.fakes.livekit_sfu import Caller, FakeLiveKit, Room
-from tests.support.netns import NetnsUnavailable, veth_address
 
 pytestmark = pytest.mark.slow
 
@@ -38,18 +37,9 @@ RATE = 24_000
 BURST_MS, PERIOD_MS = 200, 600
 
 
-@pytest.fixture(scope="module")
-def host() -> Iterator[str]:
-    try:
-        with veth_address() as address:
-            yield address
-    except NetnsUnavailable as e:
-        pytest.skip(str(e))
-
-
 @pytest.fixture
-async def server(host: str) -> AsyncIterator[FakeLiveKit]:
-    async with FakeLiveKit(Room(ROOM, KEY, SECRET), host) as fake:
+async def server(veth_host: str) -> AsyncIterator[FakeLiveKit]:
+    async with FakeLiveKit(Room(ROOM, KEY, SECRET), veth_host) as fake:
         yield fake
 
 

@@ -31,6 +31,7 @@ from services.egress.playout import Key, MonotonicClock, Play, Playout, Stop, Ti
 from services.egress.recording import Recording, SessionTime
 from services.egress.reports import Reports
 from services.egress.sinks import BusSink, Sink, UnsupportedSink, make_sink
+from services.livekit.config import LiveKitConfig
 from services.runtime import metrics, service, tracing
 from services.runtime.bus import Delivery
 from services.runtime.config import load
@@ -59,10 +60,13 @@ CALLER_CATCH_UP_S = 2.0
 class EgressWorker(SessionWorker[EgressState]):
     """Playout of one session."""
 
-    def __init__(self, ctx: SessionContext[EgressState], cfg: EgressConfig) -> None:
+    def __init__(
+        self, ctx: SessionContext[EgressState], cfg: EgressConfig, livekit: LiveKitConfig | None = None
+    ) -> None:
         super().__init__(ctx)
         spec = ctx.spec
         self.cfg = cfg
+        self.livekit = livekit or LiveKitConfig()
         self.media = (sj.AUDIO_OUT, sj.AUDIO_IN) if spec.recording_path else (sj.AUDIO_OUT,)
         self.time = SessionTime(spec.opened_ts, spec.speed)
         self.clock = MonotonicClock()
@@ -102,7 +106,7 @@ class EgressWorker(SessionWorker[EgressState]):
                 self.recording.resume_after(state.caller_seq)
         resume = ctx.how != "queue"
         try:
-            self.sink = make_sink(ctx)
+            self.sink = make_sink(ctx, self.livekit)
             await self.sink.open(resume)
         except (UnsupportedSink, OSError) as e:
             self.sink = BusSink(ctx)
@@ -124,14 +128,15 @@ class EgressWorker(SessionWorker[EgressState]):
     async def close(self, handover: bool) -> None:
         """On handover: stop pacing, write what played, checkpoint, publish what is pending.
 
-        Nothing to do when the session ended (done at SessionEnded) or was lost to another replica
-        (the new owner carries on; writing now would clobber its files and state).
+        Nothing to write when the session ended (done at SessionEnded) or was lost to another replica
+        (the new owner carries on; writing now would clobber its files and state). The sink is let go
+        in every case (the agent leaves its room).
         """
-        if self._ended or not handover:
-            return
-        await self._stop_pacing()
-        await self._persist(final=True)
-        await self.reports.drain()
+        if handover and not self._ended:
+            await self._stop_pacing()
+            await self._persist(final=True)
+            await self.reports.drain()
+        await self.sink.close()
 
     async def _stop_pacing(self) -> None:
         for task in self._pacing:
@@ -182,7 +187,8 @@ class EgressWorker(SessionWorker[EgressState]):
             )
 
     async def on_event(self, event: ev.Event, delivery: Delivery) -> None:
-        """Control: cut replies (Cancel, Interrupt) and end the call."""
+        """Control: cut replies (Cancel, Interrupt) and end the call; the sink sees every event."""
+        self.sink.on_event(event)
         match event:
             case ev.Cancel(turn=turn, generation=generation):
                 await self._cut(self.timeline.cancel(turn, generation), event, "Cancel", generation)
@@ -375,5 +381,5 @@ class EgressWorker(SessionWorker[EgressState]):
 
 def main() -> int:
     """Run one egress replica."""
-    cfg = load(EgressConfig)
-    return service.run("egress", lambda ctx: EgressWorker(ctx, cfg), state_type=EgressState)
+    cfg, livekit = load(EgressConfig), load(LiveKitConfig)
+    return service.run("egress", lambda ctx: EgressWorker(ctx, cfg, livekit), state_type=EgressState)

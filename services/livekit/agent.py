@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from livekit import rtc
 from prometheus_client import Counter
@@ -46,6 +47,7 @@ class AgentParticipant:
             joined=self._joined,
         )
         self._away = False
+        self._publication: rtc.LocalTrackPublication | None = None
 
     async def run(self) -> int:
         """Be in the room until it ends or ``close``; returns the disconnect reason.
@@ -62,17 +64,32 @@ class AgentParticipant:
             await asyncio.gather(captions, return_exceptions=True)
 
     async def joined(self, timeout_s: float) -> bool:
-        """Wait up to ``timeout_s`` for the agent to be in the room."""
+        """Wait up to ``timeout_s`` for the agent to be in the room with its voice published."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.link.connected.wait(), timeout_s)
         return self.link.connected.is_set()
+
+    async def ready(self, timeout_s: float) -> bool:
+        """``joined``, and if the caller is in the room, heard by them: audio sent before is lost.
+
+        Bounded by ``timeout_s`` in all; an agent sent into a room before its caller does not wait.
+        """
+        deadline = time.monotonic() + timeout_s
+        if not await self.joined(timeout_s) or self._publication is None or self.link.room is None:
+            return False
+        if self.target.caller(self.cfg, self.link.room) is None:
+            return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._publication.wait_for_subscription(), deadline - time.monotonic())
+            return True
+        return False
 
     def _setup(self, room: rtc.Room) -> None:
         room.on("reconnected", self.captions.restate)
 
     async def _joined(self, room: rtc.Room) -> None:
-        publication = await self.voice.publish(room)
-        self.captions.attach(room, publication.sid)
+        self._publication = await self.voice.publish(room)
+        self.captions.attach(room, self._publication.sid)
 
     # --- what the egress does -----------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -231,9 +231,19 @@ class Client:
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "audio":
             heard = self.room.heard.setdefault(self.identity, Heard())
-            task = asyncio.create_task(_receive(track, heard, self.room.changed))
+            published = self.tracks[-1].sid if self.tracks else ""
+            task = asyncio.create_task(_receive(track, heard, self.room.changed, self._subscribed(published)))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _subscribed(self, track_sid: str) -> Callable[[], Awaitable[None]]:
+        """Once the track's media flows, the room's caller hears it: the SDK is told it is subscribed."""
+
+        async def tell() -> None:
+            if self.room.caller is not None:
+                await self.send(track_subscribed=rtc.TrackSubscribed(track_sid=track_sid))
+
+        return tell
 
     def _on_datachannel(self, channel: Any) -> None:
         @channel.on("message")
@@ -299,14 +309,20 @@ class Client:
             await self.pub_pc.close()
 
 
-async def _receive(track: MediaStreamTrack, heard: Heard, changed: Callable[[], None]) -> None:
+async def _receive(
+    track: MediaStreamTrack, heard: Heard, changed: Callable[[], None], flowing: Callable[[], Awaitable[None]]
+) -> None:
     """Decode a published audio track into ``heard`` (48 kHz mono) with arrival times."""
+    first = True
     with contextlib.suppress(MediaStreamError):
         while True:
             frame = await track.recv()
             pcm: npt.NDArray[np.int16] = frame.to_ndarray().reshape(-1, len(frame.layout.channels))
             heard.add(time.time_ns(), pcm.mean(axis=1).astype(np.int16), frame.sample_rate)
             changed()
+            if first:
+                first = False
+                await flowing()
 
 
 class Room:
