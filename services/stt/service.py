@@ -198,32 +198,37 @@ class SttWorker(SessionWorker[SttState]):
     async def _end_turn(self, end: TurnEnd) -> None:
         span = self._spans.pop(end.turn, trace.INVALID_SPAN)
         span.set_attributes({"endpointing_ms": end.endpointing_ms, "reason": end.reason})
-        if end.text:
-            at = time.time_ns()
-            with trace.use_span(span, end_on_exit=False):
-                await self.ctx.publish(
-                    sj.TURN,
-                    ev.UserTurnEnded(
-                        session=self.ctx.session,
-                        turn=end.turn,
-                        text=end.text,
-                        start_ms=end.start_ms,
-                        end_ms=end.end_ms,
-                        speech_end_ts=end.speech_end_ts,
-                        endpointing_ms=end.endpointing_ms,
-                        reason=end.reason,
-                    ),
-                )
-            self._mark(end.turn, "end_of_turn", at)
-            metrics.turn_phase.labels("stt", "endpointing").observe(end.endpointing_ms / 1000)
-        else:
-            noise_turns.inc()
-            span.set_attribute("noise", True)
-            logger.info("turn %d had no words: no end of turn sent", end.turn)
-        span.end()
+        try:
+            if end.text:
+                await self._publish_end(end, span)
+            else:
+                noise_turns.inc()
+                span.set_attribute("noise", True)
+                logger.info("turn %d had no words: no end of turn sent", end.turn)
+        finally:
+            span.end()
         if self.endpointer.turn is None:  # else the next turn has begun: its end checkpoints
             await self.ctx.checkpoint(self._state())
             self._idle.set()
+
+    async def _publish_end(self, end: TurnEnd, span: Span) -> None:
+        at = time.time_ns()
+        with trace.use_span(span, end_on_exit=False):
+            await self.ctx.publish(
+                sj.TURN,
+                ev.UserTurnEnded(
+                    session=self.ctx.session,
+                    turn=end.turn,
+                    text=end.text,
+                    start_ms=end.start_ms,
+                    end_ms=end.end_ms,
+                    speech_end_ts=end.speech_end_ts,
+                    endpointing_ms=end.endpointing_ms,
+                    reason=end.reason,
+                ),
+            )
+        self._mark(end.turn, "end_of_turn", at)
+        metrics.turn_phase.labels("stt", "endpointing").observe(end.endpointing_ms / 1000)
 
     def _state(self) -> SttState:
         return SttState(
