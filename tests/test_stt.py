@@ -156,10 +156,8 @@ async def test_bench_engine_answers_each_end_of_speech_once_and_skips_duplicates
 ) -> None:
     trace_file = tmp_path / "traces.jsonl"
     text = "Book a table for two."
-    await serve(
-        stack, bus, session_id, **BENCH, VB_STT_BENCH_TEXT=text, VB_TRACE_EXPORTER="file",
-        VB_TRACE_FILE=str(trace_file),
-    )  # fmt: skip
+    tracing = {"VB_TRACE_EXPORTER": "file", "VB_TRACE_FILE": str(trace_file)}
+    await serve(stack, bus, session_id, **BENCH, **tracing, VB_STT_BENCH_TEXT=text)
     headers: dict[tuple[str, int], str] = {}
 
     async def keep_headers(msg: Msg) -> None:
