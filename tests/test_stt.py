@@ -251,3 +251,22 @@ async def test_successor_transcribes_the_turn_its_predecessor_died_in(
     assert normal(ended.text) == SPOKEN and ended.turn == 1
     assert ended.seq >> 32 == 2  # published by the successor (the session's second claim)
     assert (ended.start_ms, ended.speech_end_ts) == (24 * 20, caller.speech_end_ts)
+
+
+async def test_an_engine_that_never_answers_is_reported_and_the_turn_ends(
+    stack: Stack, bus: Bus, session_id: str
+) -> None:
+    # no endpointing wait: the turn ends as soon as its final is given up on, before the report is out
+    stalled_engine = {"VB_STT_BENCH_DELAY": "60", "VB_STT_FINAL_TIMEOUT": "0.3", "VB_STT_MAX_DELAY": "0"}
+    await serve(stack, bus, session_id, **BENCH, **stalled_engine)
+    async with Tap(bus, session_id) as tap:
+        caller = Caller(bus, session_id)
+        for turn in (1, 2):
+            await caller.silence(8)
+            await caller.utterance(speech_frames())
+            (stalled,) = await tap.wait(ev.ErrorEvent, lambda e, turn=turn: e.turn == turn)
+            assert (stalled.stage, stalled.code, stalled.retryable) == ("stt", "provider", True)
+            assert "gave no final" in stalled.message
+    # turn 1 ended (without words: no UserTurnEnded), so the next speech opened turn 2
+    assert tap.of(ev.UserTurnEnded) == []
+    assert tap.of(ev.Transcript) == []

@@ -41,6 +41,12 @@ class SttConfig:
     max_delay_s: float = setting(
         "VB_STT_MAX_DELAY", 0.8, "Endpointing wait after a final when the turn's text looks unfinished."
     )
+    final_timeout_s: float = setting(
+        "VB_STT_FINAL_TIMEOUT",
+        10.0,
+        "Seconds the engine has to answer an end of speech before it is reported as stalled and the "
+        "segment counts as silent (0: wait forever).",
+    )
     bench_text: str = setting(
         "VB_STT_BENCH_TEXT", "What is the weather like today", "Transcript of the bench engine."
     )
@@ -53,5 +59,8 @@ class SttConfig:
             raise ConfigError("VB_STT_MAX_DELAY must be at least VB_STT_MIN_DELAY, both non-negative")
         if self.whisper_threads < 1 or self.whisper_beam < 1:
             raise ConfigError("VB_STT_WHISPER_THREADS and VB_STT_WHISPER_BEAM must be at least 1")
-        if self.preroll_s < 0 or self.partial_interval_s < 0 or self.bench_delay_s < 0:
-            raise ConfigError("VB_STT_PREROLL, VB_STT_PARTIAL_INTERVAL and VB_STT_BENCH_DELAY must be >= 0")
+        if min(self.preroll_s, self.partial_interval_s, self.final_timeout_s, self.bench_delay_s) < 0:
+            raise ConfigError(
+                "VB_STT_PREROLL, VB_STT_PARTIAL_INTERVAL, VB_STT_FINAL_TIMEOUT and VB_STT_BENCH_DELAY "
+                "must be >= 0"
+            )

@@ -56,6 +56,7 @@ class SttWorker(SessionWorker[SttState]):
         super().__init__(ctx)
         state = ctx.restored or SttState()
         self.engine = engine
+        self._final_timeout_s = cfg.final_timeout_s
         self._loop = asyncio.get_running_loop()
         speed = ctx.spec.speed  # endpointing waits are silence in the caller's audio: they scale with it
         self.endpointer = Endpointer(
@@ -70,7 +71,9 @@ class SttWorker(SessionWorker[SttState]):
         self._stream: SttStream | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._spans: dict[int, Span] = {}
-        self._told: deque[int] = deque()  # when the engine was told, per segment awaiting its final
+        # per segment awaiting its final: when the engine was told, and the watchdog on its answer
+        self._awaiting: deque[tuple[int, asyncio.TimerHandle | None]] = deque()
+        self._overdue = 0  # finals given up on: the next flushed results are theirs, come too late
         # unbounded, but fed at the pace of speech events: a few items per segment
         self._outbox: asyncio.Queue[Step] = asyncio.Queue()
         self._marks: asyncio.Queue[Step] = asyncio.Queue()
@@ -135,7 +138,10 @@ class SttWorker(SessionWorker[SttState]):
         self._last_stopped = event.segment
         await stream.speech_ended()
         told = time.time_ns()
-        self._told.append(told)
+        watchdog = None
+        if self._final_timeout_s:
+            watchdog = self._loop.call_later(self._final_timeout_s, self._final_overdue, turn)
+        self._awaiting.append((told, watchdog))
         self._mark(turn, "speech_end", event.speech_end_ts)
         self._mark(turn, "vad_stop", event.ts)
         self._mark(turn, "stt_told", told)
@@ -152,6 +158,16 @@ class SttWorker(SessionWorker[SttState]):
 
     def _on_result(self, result: SttResult) -> None:
         now = time.time_ns()
+        told: int | None = None
+        if result.flushed:
+            if self._overdue:
+                self._overdue -= 1
+                logger.warning("a final came after it was given up on; dropped")
+                return
+            if self._awaiting:
+                told, watchdog = self._awaiting.popleft()
+                if watchdog is not None:
+                    watchdog.cancel()
         place = self.endpointer.transcript(
             result.text, is_final=result.is_final, flushed=result.flushed, endpoint=result.endpoint
         )
@@ -169,11 +185,21 @@ class SttWorker(SessionWorker[SttState]):
             confidence=result.confidence,
         )
         self._outbox.put_nowait(partial(self._publish_in_turn, turn, sj.TRANSCRIPT, transcript))
-        if result.flushed and self._told:
-            metrics.turn_phase.labels("stt", "stt_final").observe((now - self._told.popleft()) / 1e9)
+        if told is not None:
+            metrics.turn_phase.labels("stt", "stt_final").observe((now - told) / 1e9)
             self._mark(turn, "stt_final", now)
         if result.is_final:
             self._rearm()
+
+    def _final_overdue(self, turn: int) -> None:
+        """The engine has not answered an end of speech: report it, and let the turn go on without it."""
+        self._awaiting.popleft()
+        self._overdue += 1
+        message = f"{self.engine.name} gave no final {self._final_timeout_s:g}s after the end of speech"
+        logger.warning(message)
+        self._outbox.put_nowait(partial(self.ctx.report, "provider", message, turn=turn, retryable=True))
+        self.endpointer.transcript("", is_final=True, flushed=True)
+        self._rearm()
 
     def _in_stream_time(self, words: tuple[ev.Word, ...]) -> tuple[ev.Word, ...]:
         base = self._first_frame_ms or 0
@@ -276,6 +302,9 @@ class SttWorker(SessionWorker[SttState]):
         """
         if self._timer is not None:
             self._timer.cancel()
+        for _, watchdog in self._awaiting:
+            if watchdog is not None:
+                watchdog.cancel()
         if handover and self.endpointer.turn is None:
             await self.ctx.checkpoint(self._state())
         for span in self._spans.values():
