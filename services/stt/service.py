@@ -136,12 +136,13 @@ class SttWorker(SessionWorker[SttState]):
             )
             return
         self._last_stopped = event.segment
-        await stream.speech_ended()
+        # registered before telling the engine: a fast one may answer while it is being told
         told = time.time_ns()
         watchdog = None
         if self._final_timeout_s:
             watchdog = self._loop.call_later(self._final_timeout_s, self._final_overdue, turn)
         self._awaiting.append((told, watchdog))
+        await stream.speech_ended()
         self._mark(turn, "speech_end", event.speech_end_ts)
         self._mark(turn, "vad_stop", event.ts)
         self._mark(turn, "stt_told", told)
