@@ -25,8 +25,10 @@ from proto.events import FRAME_MS, USER_RATE
 from services.livekit.agent import AgentParticipant
 from services.livekit.captions import FINAL, SEGMENT_ID, STATE, TOPIC, TRACK_ID
 from services.livekit.config import LiveKitConfig
+from services.livekit.link import RoomUnreachable
 from services.livekit.listener import CallerListener
 from services.livekit.room import RoomTarget
+from services.tools.stack import free_port
 from tests.fakes.livekit_media import dominant_hz, onsets, rms, tone
 from tests.fakes.livekit_sfu import Caller, FakeLiveKit, Room
 
@@ -327,3 +329,16 @@ async def test_the_agent_is_heard_again_after_the_sdk_rejoins(server: FakeLiveKi
     assert room.published.count((identity, "agent-voice", 2)) == 2  # the SDK published the voice again
     # the state is said again to the new session: speaking
     assert room.attribute_log[-1][:2] == (identity, {STATE: "speaking"})
+
+
+async def test_a_room_that_cannot_be_joined_is_given_up_or_left_when_closed() -> None:
+    nowhere = f"ws://127.0.0.1:{free_port()}"  # nothing listens: every join fails at once
+    cfg = LiveKitConfig(url=nowhere, api_key=KEY, api_secret=SECRET, rejoin_s=1.0)
+    with pytest.raises(RoomUnreachable, match="could not join room"):
+        await asyncio.wait_for(CallerListener(cfg, "s8", RoomTarget(ROOM), Ear()).run(), 20)
+
+    patient = LiveKitConfig(url=nowhere, api_key=KEY, api_secret=SECRET, rejoin_s=600.0)
+    agent = AgentParticipant(patient, "s8", RoomTarget(ROOM), RATE)
+    trying = asyncio.create_task(agent.run())
+    await agent.close()  # while it is still trying: it stops
+    assert await asyncio.wait_for(trying, 20) == DisconnectReason.CLIENT_INITIATED

@@ -11,6 +11,7 @@ needs, so the old replica must not fight its way back in.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -78,6 +79,7 @@ class RoomLink:
         self._options = rtc.RoomOptions(auto_subscribe=auto_subscribe, connect_timeout=cfg.join_timeout_s)
         self.room: rtc.Room | None = None
         self.connected = asyncio.Event()
+        self._closing = asyncio.Event()
         #: Seconds the first successful join took, for the session's logs and the tests.
         self.first_join_s: float | None = None
 
@@ -85,7 +87,7 @@ class RoomLink:
         """Stay in the room; return the reason it was left for good, or raise ``RoomUnreachable``."""
         deadline: float | None = None
         attempt = 0
-        while True:
+        while not self._closing.is_set():
             room = rtc.Room()
             gone: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             self._watch(room, gone)
@@ -102,7 +104,8 @@ class RoomLink:
                 logger.warning(
                     "joining room %s as %s failed: %s; trying again", self.room_name, self.role, _message(e)
                 )
-                await asyncio.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
+                with contextlib.suppress(TimeoutError):  # close() ends the wait
+                    await asyncio.wait_for(self._closing.wait(), BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
                 attempt += 1
                 rejoins.labels(self.role).inc()
                 continue
@@ -116,11 +119,13 @@ class RoomLink:
             self.room, deadline, attempt = room, None, 0
             self.connected.set()
             try:
+                if self._closing.is_set():  # closed while joining
+                    await self._leave(room)
                 reason = await gone
             finally:
                 self.connected.clear()
                 await asyncio.shield(self._leave(room))
-            if reason in FINAL:
+            if reason in FINAL or self._closing.is_set():
                 logger.info("left room %s as %s: %s", self.room_name, self.role, reason_name(reason))
                 return reason
             logger.warning(
@@ -128,9 +133,11 @@ class RoomLink:
             )
             deadline = time.monotonic() + self.cfg.rejoin_s
             rejoins.labels(self.role).inc()
+        return DisconnectReason.CLIENT_INITIATED
 
     async def close(self) -> None:
-        """Leave the room (``run`` returns CLIENT_INITIATED)."""
+        """Leave the room and stop (``run`` returns CLIENT_INITIATED)."""
+        self._closing.set()
         if self.room is not None:
             await self._leave(self.room)
 

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from aiohttp import WSMsgType, web
-from aiortc import RTCIceCandidate, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCIceCandidate, RTCPeerConnection, RTCRtpTransceiver, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.sdp import candidate_from_sdp
 from livekit import api
@@ -58,6 +58,7 @@ logger = logging.getLogger("fake.livekit")
 SERVER_VERSION = "1.8.4"
 PROTOCOL = 15
 PING_INTERVAL_S, PING_TIMEOUT_S = 5, 15
+NEGOTIATION_TIMEOUT_S = 5.0
 
 
 def new_sid(prefix: str) -> str:
@@ -154,7 +155,10 @@ class Client:
         self.sub_pc = RTCPeerConnection()
         self.pub_pc: RTCPeerConnection | None = None
         self.streams: dict[str, TextStream] = {}
-        self._sending: dict[str, MediaStreamTrack] = {}
+        #: The tracks this client is sent (the caller's microphone), by track sid, with their transceivers.
+        self._sending: dict[str, tuple[MediaStreamTrack, RTCRtpTransceiver]] = {}
+        self._answered = asyncio.Event()
+        self._answered.set()
         #: Candidates trickled before the description they belong to was set, by signal target.
         self._early: dict[int, list[RTCIceCandidate]] = {rtc.PUBLISHER: [], rtc.SUBSCRIBER: []}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -182,25 +186,42 @@ class Client:
     # --- subscriber side: the server offers ---------------------------------------------------------
 
     async def offer_subscriptions(self) -> None:
-        """(Re)negotiate the subscriber connection, with the caller's microphone if they are in."""
+        """(Re)negotiate the subscriber connection: the room caller's microphone in, a gone one out.
+
+        One negotiation at a time: a new offer waits for the answer to the previous one.
+        """
         async with self._negotiating:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._answered.wait(), NEGOTIATION_TIMEOUT_S)
             caller = self.room.caller
+            for track_sid in [t for t in self._sending if caller is None or t != caller.track_sid]:
+                track, transceiver = self._sending.pop(track_sid)  # its publisher left: stop sending it
+                track.stop()
+                transceiver.sender.replaceTrack(None)
+                transceiver.direction = "inactive"
             if caller and self.permission.can_subscribe and caller.track_sid not in self._sending:
                 track = caller.track()
-                self.sub_pc.addTrack(track)
-                self._sending[caller.track_sid] = track
+                sender = self.sub_pc.addTrack(track)
+                transceiver = next(t for t in self.sub_pc.getTransceivers() if t.sender is sender)
+                self._sending[caller.track_sid] = (track, transceiver)
             if self.sub_pc.sctp is None:
                 self.sub_pc.createDataChannel("_reliable", ordered=True)
                 self.sub_pc.createDataChannel("_lossy", ordered=False, maxRetransmits=0)
             await self.sub_pc.setLocalDescription(await self.sub_pc.createOffer())
-            sdp = self.sub_pc.localDescription.sdp
-            if caller is not None:
-                sdp = re.sub(r"^a=msid:\S+ ", f"a=msid:{caller.sid}|{caller.track_sid} ", sdp, flags=re.M)
-            await self.send(offer=rtc.SessionDescription(type="offer", sdp=sdp))
+            streams = {}
+            if caller is not None and caller.track_sid in self._sending:
+                streams[self._sending[caller.track_sid][1].mid or ""] = f"{caller.sid}|{caller.track_sid}"
+            self._answered.clear()
+            await self.send(
+                offer=rtc.SessionDescription(
+                    type="offer", sdp=_with_streams(self.sub_pc.localDescription.sdp, streams)
+                )
+            )
 
     async def on_answer(self, answer: rtc.SessionDescription) -> None:
         await self.sub_pc.setRemoteDescription(RTCSessionDescription(answer.sdp, "answer"))
         await self._add_early(rtc.SUBSCRIBER, self.sub_pc)
+        self._answered.set()
 
     # --- publisher side: the client offers ----------------------------------------------------------
 
@@ -302,11 +323,31 @@ class Client:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for track in self._sending.values():
+        for track, _ in self._sending.values():
             track.stop()
-        await self.sub_pc.close()
-        if self.pub_pc is not None:
-            await self.pub_pc.close()
+        for pc in (self.sub_pc, self.pub_pc):
+            if pc is not None:
+                await pc.close()
+                await _connect_task_ended(pc)
+
+
+def _with_streams(sdp: str, streams: dict[str, str]) -> str:
+    """Name the stream of each sending m-section (by mid) ``<participant sid>|<track sid>``."""
+    sections = re.split(r"(?m)^(?=m=)", sdp)
+    for i, section in enumerate(sections):
+        mid = re.search(r"(?m)^a=mid:(\S+)", section)
+        if mid and mid.group(1) in streams:
+            sections[i] = re.sub(r"(?m)^a=msid:\S+ ", f"a=msid:{streams[mid.group(1)]} ", section)
+    return "".join(sections)
+
+
+async def _connect_task_ended(pc: RTCPeerConnection) -> None:
+    """aiortc's connection task may still wait on an ICE check after ``close()``: end it too."""
+    for task in asyncio.all_tasks():
+        frame = getattr(task.get_coro(), "cr_frame", None)
+        if frame is not None and frame.f_code.co_name == "__connect" and frame.f_locals.get("self") is pc:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 async def _receive(
@@ -395,6 +436,7 @@ class Room:
             update = rtc.ParticipantUpdate(participants=[caller.info(models.ParticipantInfo.DISCONNECTED)])
             for client in list(self.clients.values()):
                 await client.send(update=update)
+                await client.offer_subscriptions()
 
     async def drop(self, identity: str) -> None:
         """Cut a participant's signalling as a network failure would; it may resume (``reconnect=1``)."""
