@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         "trace": "draw a turn's trace as a waterfall in the terminal",
         "record": "export a recorded session from JetStream to a file",
         "replay": "feed a recording through the running services and compare the outcome",
+        "natsconf": "the nats-server configuration with one permissioned user per service",
     }
     for name, help_text in tools.items():
         p = sub.add_parser(name, help=help_text)
