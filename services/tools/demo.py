@@ -15,8 +15,12 @@ import os
 import sys
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from proto import events as ev
+
+if TYPE_CHECKING:
+    from services.tools.caller import Turn
 
 CALLER = Path(__file__).with_name("data") / "caller"
 AGENT = ev.AgentSpec(
@@ -41,7 +45,15 @@ def main(args: argparse.Namespace) -> int:
     if not utterances:
         print(f"no turn*.wav in {args.caller}", file=sys.stderr)
         return 2
-    return asyncio.run(run(prepare(Path(args.out)), utterances, speed=args.speed, quiet=args.quiet))
+    from services.tools import turns as table
+
+    out = prepare(Path(args.out))
+    results = asyncio.run(run(out, utterances, speed=args.speed, quiet=args.quiet))
+    print(table.render(results))
+    traces = out / "traces.jsonl"
+    print(f"\nconversation as heard: {out / 'conversation.wav'}")
+    print(f"traces: {traces} (voicebus trace --file {traces})")
+    return 1 if any(t.missed for t in results) else 0
 
 
 def caller_turns(directory: Path) -> list[bytes]:
@@ -74,11 +86,10 @@ async def run(
     speed: float = 1.0,
     quiet: bool = False,
     env: dict[str, str] | None = None,
-) -> int:
-    """The demo, callable from tests (``out`` from ``prepare``; ``env`` overrides stage settings)."""
+) -> list[Turn]:
+    """The conversation, callable from tests (``out`` from ``prepare``; ``env`` overrides stage settings)."""
     from services.runtime.bus import Bus
     from services.runtime.config import RuntimeConfig, load
-    from services.tools import turns as table
     from services.tools.caller import VirtualCaller
     from services.tools.stack import NatsServer, Stack
 
@@ -102,7 +113,7 @@ async def run(
         spec = ev.SessionSpec(
             session=f"demo-{uuid.uuid4().hex[:8]}", speed=speed, agent=AGENT, recording_path=str(recording)
         )
-        results = []
+        results: list[Turn] = []
         async with VirtualCaller(bus, spec) as caller:
             for number, utterance in enumerate(utterances, start=1):
                 say(quiet, f"turn {number}: the caller speaks...")
@@ -116,9 +127,7 @@ async def run(
                         f"  caller: {turn.said}\n  agent:  {turn.replied}   (TTFA {turn.ttfa_ms:.0f} ms)",
                     )
             await caller.hang_up("completed", wait_for=("egress",))
-        print(table.render(results))
-        print(f"\nconversation as heard: {recording}\ntraces: {traces} (voicebus trace --file {traces})")
-        return 1 if any(t.missed for t in results) else 0
+        return results
     finally:
         if bus is not None:
             await bus.close()
