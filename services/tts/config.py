@@ -1,0 +1,52 @@
+"""Settings of the tts stage (environment variables, read once in ``main``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.runtime.config import ConfigError, setting, settings_class
+
+RESAMPLE_QUALITIES = ("QQ", "LQ", "MQ", "HQ", "VHQ")
+
+
+@settings_class
+@dataclass(frozen=True, kw_only=True)
+class TtsConfig:
+    """Which engine speaks, what takes over when it fails, and how audio is resampled."""
+
+    engine: str = setting(
+        "VB_TTS_ENGINE", "piper", "TTS engine: piper (local neural voice), flite, or bench (fixed latency)."
+    )
+    fallback: str = setting(
+        "VB_TTS_FALLBACK",
+        "flite",
+        "Engine that speaks when the primary fails to load, fails on a chunk or stalls (empty: none).",
+    )
+    stall_s: float = setting(
+        "VB_TTS_STALL_TIMEOUT",
+        5.0,
+        "Seconds an engine may stay silent while text waits to be spoken before the fallback takes over.",
+    )
+    resample_quality: str = setting(
+        "VB_TTS_RESAMPLE_QUALITY", "HQ", "soxr quality of the resampling to the session's rate (QQ..VHQ)."
+    )
+    piper_voice: str = setting(
+        "VB_TTS_PIPER_VOICE",
+        "",
+        "Piper .onnx voice (its .onnx.json beside it); default: the packaged en_US-joe-medium voice.",
+    )
+    piper_workers: int = setting(
+        "VB_TTS_PIPER_WORKERS", 1, "Piper syntheses run at once per process (each uses every core)."
+    )
+    flite_voice: str = setting(
+        "VB_TTS_FLITE_VOICE", "slt", "flite voice: built-in (slt, rms, awb, kal16) or a .flitevox file."
+    )
+    bench_speed: float = setting(
+        "VB_TTS_BENCH_SPEED", 1.0, "Pace of the bench engine's frames relative to real time (4: barge-in)."
+    )
+
+    def __post_init__(self) -> None:
+        if self.resample_quality not in RESAMPLE_QUALITIES:
+            raise ConfigError(f"VB_TTS_RESAMPLE_QUALITY={self.resample_quality!r}: use {RESAMPLE_QUALITIES}")
+        if self.stall_s <= 0 or self.bench_speed <= 0 or self.piper_workers < 1:
+            raise ConfigError("VB_TTS_STALL_TIMEOUT, VB_TTS_BENCH_SPEED and VB_TTS_PIPER_WORKERS must be > 0")

