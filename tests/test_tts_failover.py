@@ -33,10 +33,8 @@ class Flaky(TtsEngine):
     name = "flaky"
 
     async def open(self, session: str, reply_id: str, voice: str = "") -> TtsStream:
-        return FlakyStream()
+        return ChunkedStream(self.speak)
 
-
-class FlakyStream(ChunkedStream):
     async def speak(self, text: str, received: float) -> AsyncGenerator[Spoken, None]:
         if "FAIL" in text:
             raise TtsError("synthesiser crashed")

@@ -35,14 +35,13 @@ class BenchEngine(TtsEngine):
 
     async def open(self, session: str, reply_id: str, voice: str = "") -> TtsStream:
         """A stream for one reply."""
-        return BenchStream(self.speed)
+        return ChunkedStream(_Schedule(self.speed).speak)
 
 
-class BenchStream(ChunkedStream):
-    """Frames on an absolute schedule, so a slow consumer does not stretch the timeline."""
+class _Schedule:
+    """One reply's frames on an absolute schedule, so a slow consumer does not stretch the timeline."""
 
     def __init__(self, speed: float) -> None:
-        super().__init__()
         self._step = FRAME_MS / 1000 / speed
         self._free_at = 0.0  # loop time of the frame after the last one produced
 

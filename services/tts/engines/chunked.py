@@ -1,17 +1,17 @@
 """What the local engines share: a stream that speaks its chunks one after another.
 
 Piper, flite and the bench engine take a whole piece of text and return its audio; they do not stream
-text in. ``ChunkedStream`` queues the pushed chunks and speaks them in order, one part (a sentence, a
-frame) at a time, so ``cancel`` takes effect at the next part boundary and drops what is queued.
+text in. A ``ChunkedStream`` queues the pushed chunks and has the engine's ``speak`` say them in order,
+one part (a sentence, a frame) at a time, so ``cancel`` takes effect at the next part boundary and
+drops what is queued.
 """
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 
 from proto.events import WordTiming
@@ -52,16 +52,17 @@ class _Chunk:
     received: float  # loop time at push
 
 
+#: An engine's voice: the audio of one chunk, part by part; ``received`` is when it was pushed (loop time).
+Speak = Callable[[str, float], AsyncGenerator[Spoken, None]]
+
+
 class ChunkedStream(TtsStream):
     """A reply's chunks, spoken in order by ``speak``."""
 
-    def __init__(self) -> None:
+    def __init__(self, speak: Speak) -> None:
+        self._speak = speak
         self._queue: asyncio.Queue[_Chunk | None] = asyncio.Queue()
         self._cancelled = False
-
-    @abc.abstractmethod
-    def speak(self, text: str, received: float) -> AsyncGenerator[Spoken, None]:
-        """The audio of one chunk, part by part; ``received`` is when it was pushed (loop time)."""
 
     async def push_text(self, text: str, chunk: int) -> None:
         """Queue a chunk (a cancelled stream ignores it)."""
@@ -76,7 +77,7 @@ class ChunkedStream(TtsStream):
         """Each chunk's parts in order, with word timings from the start of the chunk."""
         while not self._cancelled and (chunk := await self._queue.get()) is not None:
             elapsed_ms = 0.0
-            async with contextlib.aclosing(self.speak(chunk.text, chunk.received)) as parts:
+            async with contextlib.aclosing(self._speak(chunk.text, chunk.received)) as parts:
                 async for part in parts:
                     if self._cancelled:
                         return

@@ -42,7 +42,13 @@ class FliteEngine(TtsEngine):
 
     async def open(self, session: str, reply_id: str, voice: str = "") -> TtsStream:
         """A stream for one reply (``voice`` is ignored: the configured flite voice speaks)."""
-        return FliteStream(self)
+        return ChunkedStream(self.speak)
+
+    async def speak(self, text: str, received: float) -> AsyncGenerator[Spoken, None]:
+        """The whole chunk in one piece (flite takes milliseconds for a sentence)."""
+        if speakable(text):
+            pcm, rate = await self.synthesize(text)
+            yield Spoken(text, pcm, rate)
 
     async def synthesize(self, text: str) -> tuple[bytes, int]:
         """Mono s16le audio of ``text`` and its rate."""
@@ -73,20 +79,6 @@ class FliteEngine(TtsEngine):
                 return wav.readframes(wav.getnframes()), wav.getframerate()
         except (wave.Error, EOFError) as e:
             raise TtsError(f"flite wrote no usable WAV: {e}") from e
-
-
-class FliteStream(ChunkedStream):
-    """A reply spoken by flite, a chunk at a time."""
-
-    def __init__(self, engine: FliteEngine) -> None:
-        super().__init__()
-        self._engine = engine
-
-    async def speak(self, text: str, received: float) -> AsyncGenerator[Spoken, None]:
-        """The whole chunk in one piece (flite takes milliseconds for a sentence)."""
-        if speakable(text):
-            pcm, rate = await self._engine.synthesize(text)
-            yield Spoken(text, pcm, rate)
 
 
 def load(cfg: TtsConfig) -> FliteEngine:

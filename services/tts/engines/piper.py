@@ -49,7 +49,7 @@ class PiperEngine(TtsEngine):
 
     async def open(self, session: str, reply_id: str, voice: str = "") -> TtsStream:
         """A stream for one reply (``voice`` is ignored: one piper voice per process)."""
-        return PiperStream(self)
+        return ChunkedStream(self.speak)
 
     async def aclose(self) -> None:
         """Stop the inference threads."""
@@ -62,18 +62,10 @@ class PiperEngine(TtsEngine):
         except Exception as e:  # onnxruntime and the phonemizer raise their own types
             raise TtsError(f"piper failed on {sentence[:40]!r}: {e}") from e
 
-
-class PiperStream(ChunkedStream):
-    """A reply spoken by piper, sentence by sentence."""
-
-    def __init__(self, engine: PiperEngine) -> None:
-        super().__init__()
-        self._engine = engine
-
     async def speak(self, text: str, received: float) -> AsyncGenerator[Spoken, None]:
-        """Each sentence of the chunk as soon as it is synthesised."""
+        """Each sentence of a chunk as soon as it is synthesised."""
         for sentence in sentences(text):
-            yield Spoken(sentence, await self._engine.synthesize(sentence), self._engine.sample_rate)
+            yield Spoken(sentence, await self.synthesize(sentence), self.sample_rate)
 
 
 def load(cfg: TtsConfig) -> PiperEngine:
