@@ -36,8 +36,9 @@ class TtsConfig:
         "Piper .onnx voice (its .onnx.json beside it); default: the packaged en_US-joe-medium voice.",
     )
     piper_workers: int = setting(
-        "VB_TTS_PIPER_WORKERS", 1, "Piper syntheses run at once per process (each uses every core)."
+        "VB_TTS_PIPER_WORKERS", 2, "Piper syntheses that may run at once per process."
     )
+    piper_threads: int = setting("VB_TTS_PIPER_THREADS", 1, "onnxruntime threads of one piper synthesis.")
     flite_voice: str = setting(
         "VB_TTS_FLITE_VOICE", "slt", "flite voice: built-in (slt, rms, awb, kal16) or a .flitevox file."
     )
@@ -48,5 +49,7 @@ class TtsConfig:
     def __post_init__(self) -> None:
         if self.resample_quality not in RESAMPLE_QUALITIES:
             raise ConfigError(f"VB_TTS_RESAMPLE_QUALITY={self.resample_quality!r}: use {RESAMPLE_QUALITIES}")
-        if self.stall_s <= 0 or self.bench_speed <= 0 or self.piper_workers < 1:
-            raise ConfigError("VB_TTS_STALL_TIMEOUT, VB_TTS_BENCH_SPEED and VB_TTS_PIPER_WORKERS must be > 0")
+        if min(self.stall_s, self.bench_speed, self.piper_workers, self.piper_threads) <= 0:
+            raise ConfigError(
+                "VB_TTS_STALL_TIMEOUT, _BENCH_SPEED, _PIPER_WORKERS and _PIPER_THREADS must be > 0"
+            )

