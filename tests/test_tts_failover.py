@@ -58,12 +58,42 @@ async def until_tap_hears(tap: Tap, ctx: SessionContext[TtsState]) -> None:
     raise AssertionError("the tap never heard the tts connection")
 
 
+class Unreachable(TtsEngine):
+    """A cloud engine whose provider refuses the connection."""
+
+    name = "unreachable"
+
+    async def open(self, session: str, reply_id: str, voice: str = "") -> TtsStream:
+        raise ConnectionRefusedError("connection refused")
+
+
 @pytest.fixture
 async def tts_bus(nats_server: NatsServer | ContainerNats) -> AsyncIterator[Bus]:
     """A connection that publishes as the tts stage would."""
     connected = await Bus.connect(runtime_config(nats_server.url), "tts", "test-tts")
     yield connected
     await connected.close()
+
+
+async def speak(
+    tts_bus: Bus, bus: Bus, session: str, engines: list[TtsEngine], texts: list[str]
+) -> tuple[Tap, ev.AgentAudioEnd, ev.ErrorEvent]:
+    """Speak one reply (turn 1) with ``engines``; the tap, the reply's end and the one error reported."""
+    ctx: SessionContext[TtsState] = SessionContext(
+        tts_bus, ev.SessionSpec(session=session, output_rate=RATE), 1, "queue", None
+    )
+    reply = Reply(ctx, 1, 0, engines, TtsConfig(stall_s=0.5))
+    for index, text in enumerate(texts):
+        reply.add(
+            ev.ReplyChunk(session=session, turn=1, index=index, text=text, last=index == len(texts) - 1)
+        )
+    async with Tap(bus, session) as tap:
+        await until_tap_hears(tap, ctx)
+        await reply.run()
+        (end,) = await tap.wait(ev.AgentAudioEnd)
+        (error,) = await tap.wait(ev.ErrorEvent)
+    assert (error.stage, error.code, error.turn) == ("tts", "provider", 1)
+    return tap, end, error
 
 
 @pytest.mark.parametrize(
@@ -77,19 +107,10 @@ async def tts_bus(nats_server: NatsServer | ContainerNats) -> AsyncIterator[Bus]
 async def test_the_fallback_engine_speaks_from_the_chunk_the_primary_failed_on(
     tts_bus: Bus, bus: Bus, session_id: str, trouble: str, fallback: bool, said: str
 ) -> None:
-    ctx: SessionContext[TtsState] = SessionContext(
-        tts_bus, ev.SessionSpec(session=session_id, output_rate=RATE), 1, "queue", None
-    )
     engines: list[TtsEngine] = [Flaky(), BenchEngine(speed=16)] if fallback else [Flaky()]
-    reply = Reply(ctx, 1, 0, engines, TtsConfig(stall_s=0.5))
-    for index, text in enumerate(["one two", f"{trouble} three", "four five"]):
-        reply.add(ev.ReplyChunk(session=session_id, turn=1, index=index, text=text, last=index == 2))
-    async with Tap(bus, session_id) as tap:
-        await until_tap_hears(tap, ctx)
-        await reply.run()
-        (end,) = await tap.wait(ev.AgentAudioEnd)
-        (error,) = await tap.wait(ev.ErrorEvent)
-    assert (error.stage, error.code, error.turn) == ("tts", "provider", 1)
+    tap, end, error = await speak(
+        tts_bus, bus, session_id, engines, ["one two", f"{trouble} three", "four five"]
+    )
     assert said in error.message
     frames = tap.of(ev.AgentAudioFrame)
     assert [f.index for f in frames] == list(range(end.frames))
@@ -100,3 +121,13 @@ async def test_the_fallback_engine_speaks_from_the_chunk_the_primary_failed_on(
         assert words == ["one", "two", trouble, "three", "four", "five"]
     else:
         assert {f.chunk for f in frames} == {0} and end.frames == 10 and words == ["one", "two"]
+
+
+async def test_an_engine_that_cannot_open_a_stream_hands_the_whole_reply_to_the_fallback(
+    tts_bus: Bus, bus: Bus, session_id: str
+) -> None:
+    tap, end, error = await speak(tts_bus, bus, session_id, [Unreachable(), Flaky()], ["one two", "three"])
+    assert (
+        "unreachable could not open a stream: connection refused; flaky speaks from chunk 0" in error.message
+    )
+    assert end.frames == 15 and [f.index for f in tap.of(ev.AgentAudioFrame)] == list(range(15))

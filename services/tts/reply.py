@@ -11,7 +11,6 @@ stays one timeline. Only the first frame and the end are published inside the "t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -36,6 +35,9 @@ log = logging.getLogger("voicebus.tts")
 engine_failures = Counter(
     "vb_tts_engine_failures_total", "Replies an engine failed or stalled on, by engine", ["engine"]
 )
+
+#: How long a failed or cancelled engine stream may take to close before the reply goes on without it.
+CLOSE_TIMEOUT_S = 1.0
 
 _Item = SynthAudio | Exception | None  # a piece of audio, a failure of the stream, or its end
 
@@ -160,9 +162,28 @@ class Reply:
                 log.warning(message, exc_info=e.__cause__ is not None)
                 await self.ctx.report("provider", message, turn=self.turn, retryable=e.retryable)
 
+    async def _open(self, engine: TtsEngine, reply_id: str) -> TtsStream:
+        try:
+            async with asyncio.timeout(self.cfg.stall_s):
+                return await engine.open(self.ctx.session, reply_id, self.ctx.spec.agent.voice)
+        except TtsError:
+            raise
+        except TimeoutError:
+            raise Stalled(f"{engine.name} did not open a stream in {self.cfg.stall_s:.1f} s") from None
+        except Exception as e:  # a connection error of a cloud engine is still the engine's failure
+            raise TtsError(f"{engine.name} could not open a stream: {e}") from e
+
+    async def _close(self, engine: TtsEngine, stream: TtsStream) -> None:
+        """Close a stream that failed or was cancelled, without letting a provider delay the stop."""
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await stream.cancel()
+        except Exception:  # the stream is dead already; the reply goes on without it
+            log.warning("could not close a %s stream", engine.name, exc_info=True)
+
     async def _speak_with(self, engine: TtsEngine, start: int) -> None:
         reply_id = f"{self.ctx.session}.{self.turn}.{self.generation}"
-        stream = await engine.open(self.ctx.session, reply_id, self.ctx.spec.agent.voice)
+        stream = await self._open(engine, reply_id)
         self._span.set_attribute("engine", engine.name)
         self._pushed, self._end_sent, self._progress = start - 1, False, time.monotonic()
         items: asyncio.Queue[_Item] = asyncio.Queue()
@@ -183,8 +204,7 @@ class Reply:
                 helper.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
             if not finished:
-                with contextlib.suppress(Exception):  # the stream is dead already; closing is best effort
-                    await stream.cancel()
+                await self._close(engine, stream)
 
     async def _next(self, items: asyncio.Queue[_Item], engine: TtsEngine) -> SynthAudio | None:
         """The next piece, or None at the end; raises TtsError if the stream failed or stalled."""
