@@ -7,15 +7,20 @@ cancellation, supersession, ordering and takeover observable frame by frame.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import signal
 from collections.abc import AsyncIterator, Iterator
 from difflib import SequenceMatcher
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soxr
+from nats.aio.msg import Msg
+from opentelemetry.sdk.trace import TracerProvider
 
+from proto import codec
 from proto import events as ev
 from proto import subjects as sj
 from services.runtime.bus import Bus
@@ -238,3 +243,29 @@ async def test_a_successor_speaks_the_reply_in_progress_again_with_the_same_fram
     assert {f.index for f in frames} == set(range(end.frames)) and end.frames == 5 * 23
     assert len(frames) > end.frames  # the successor started again from frame 0
     assert len(tap.of(ev.AgentAudioEnd, lambda e: e.turn == 1)) == 1  # turn 1 was done: not spoken again
+
+
+async def test_the_reply_span_continues_the_chunks_trace_and_only_the_first_frame_carries_it(
+    stack: Stack, bus: Bus, session_id: str, tmp_path: Path
+) -> None:
+    trace_file = tmp_path / "traces.jsonl"
+    await start_tts(stack, {**bench(8), "VB_TRACE_EXPORTER": "file", "VB_TRACE_FILE": str(trace_file)})
+    headers: dict[int, dict[str, str]] = {}
+
+    async def on_audio(msg: Msg) -> None:
+        if isinstance(frame := codec.decode(msg.subject, msg.data), ev.AgentAudioFrame):
+            headers[frame.index] = msg.headers or {}
+
+    sub = await bus.nc.subscribe(sj.AUDIO_OUT.subject(session_id), cb=on_audio)
+    async with opened(bus, session_id) as tap:
+        with TracerProvider().get_tracer("test").start_as_current_span("dialogue.reply") as parent:
+            await bus.publish(sj.REPLY, chunk(session_id, 1, 0, "one two three", last=True))
+        (end,) = await tap.wait(ev.AgentAudioEnd)
+    await sub.unsubscribe()
+    stack.stop()  # the replica flushes its spans on exit
+    (span,) = [s for s in map(json.loads, trace_file.read_text().splitlines()) if s["name"] == "tts.reply"]
+    assert span["context"]["trace_id"] == f"0x{parent.get_span_context().trace_id:032x}"
+    assert span["parent_id"] == f"0x{parent.get_span_context().span_id:016x}"
+    assert span["attributes"]["frames"] == end.frames == 15
+    assert span["context"]["span_id"][2:] in headers[0]["traceparent"]
+    assert sorted(headers) == list(range(15)) and not any("traceparent" in headers[i] for i in range(1, 15))
