@@ -23,6 +23,8 @@ lint:
     {{venv}}/mypy
     {{venv}}/voicebus proto --check
     {{venv}}/voicebus config --check docs/configuration.md
+    {{venv}}/voicebus natsconf --check deploy/k8s/base/nats/nats.conf
+    {{venv}}/voicebus natsconf --tls-dir /etc/nats-tls --check deploy/k8s/overlays/prod/nats.conf
 
 # regenerate the contract document proto/asyncapi.json
 proto:
@@ -31,6 +33,11 @@ proto:
 # regenerate the configuration table in docs/configuration.md
 docs:
     {{venv}}/voicebus config --write docs/configuration.md
+
+# regenerate the NATS server configuration (users and permissions from proto/subjects.py)
+deploy-config:
+    {{venv}}/voicebus natsconf -o deploy/k8s/base/nats/nats.conf
+    {{venv}}/voicebus natsconf --tls-dir /etc/nats-tls -o deploy/k8s/overlays/prod/nats.conf
 
 # benchmarks (medians of runs with ranges) into out/bench/*.json and docs/benchmarks.md
 bench *ARGS:

@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         "up": "start NATS (unless VB_NATS_URL is set) and every stage, until Ctrl-C",
         "proto": "regenerate the contract document proto/asyncapi.json (--check: fail if it drifted)",
         "config": "print the table of every VB_* setting (--check FILE: fail if FILE drifted)",
+        "natsconf": "the nats-server configuration with one permissioned user per service",
     }
     for name, help_text in tools.items():
         p = sub.add_parser(name, help=help_text)

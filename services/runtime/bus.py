@@ -17,7 +17,6 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import nats
 from nats.aio.client import Client as NATS
@@ -96,15 +95,12 @@ class Bus:
             if holder:
                 holder[0].reconnected.set()
 
-        password = None
-        if cfg.nats_password_file:
-            password = (await asyncio.to_thread(Path(cfg.nats_password_file).read_text)).strip()
         tls = ssl.create_default_context(cafile=cfg.nats_tls_ca) if cfg.nats_tls_ca else None
         nc = await nats.connect(
             servers=[s.strip() for s in cfg.nats_url.split(",")],
             name=f"voicebus-{stage}-{replica}",
             user=cfg.nats_user or None,
-            password=password,
+            password=cfg.nats_password or None,
             tls=tls,
             allow_reconnect=True,
             max_reconnect_attempts=-1,

@@ -106,7 +106,9 @@ class RuntimeConfig:
 
     nats_url: str = setting("VB_NATS_URL", "nats://127.0.0.1:4222", "NATS server URL(s), comma-separated.")
     nats_user: str = setting("VB_NATS_USER", "", "NATS user (per-service users in deployments).")
-    nats_password_file: str = setting("VB_NATS_PASSWORD_FILE", "", "File holding the NATS password.")
+    nats_password: str = setting(
+        "VB_NATS_PASSWORD", "", "NATS password of VB_NATS_USER (or VB_NATS_PASSWORD_FILE: a file holding it)."
+    )
     nats_tls_ca: str = setting("VB_NATS_TLS_CA", "", "CA bundle to verify the NATS server's TLS certificate.")
     replica: str = setting("VB_REPLICA_ID", "", "This replica's id; default: HOSTNAME plus a random suffix.")
     http_host: str = setting("VB_HTTP_HOST", "0.0.0.0", "Address of the health and metrics HTTP server.")

@@ -56,6 +56,7 @@ class NatsServer:
         self._own_dir = store_dir is None
         self.store_dir = store_dir or tempfile.mkdtemp(prefix="vb-nats-")
         self.config = config
+        self.log_path = os.path.join(tempfile.gettempdir(), f"vb-nats-{self.port}.log")
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -64,15 +65,17 @@ class NatsServer:
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 10.0) -> None:
-        """Start the server and wait until it accepts connections."""
-        args = [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", self.store_dir]
-        if self.config:
-            args += ["-c", self.config]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        """Start the server and wait until it accepts connections (its log goes to ``log_path``)."""
+        args = [self.binary, "-a", "127.0.0.1", "-p", str(self.port)]
+        # a configuration file brings its own JetStream block
+        args += ["-c", self.config] if self.config else ["-js", "-sd", self.store_dir]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_port(self.port, timeout_s)
         except TimeoutError:
-            raise RuntimeError(f"nats-server did not start (exit {self.proc.poll()})") from None
+            tail = Path(self.log_path).read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"nats-server did not start (exit {self.proc.poll()}): {tail}") from None
 
     def kill(self) -> None:
         """SIGKILL the server (JetStream data stays in the store directory)."""
