@@ -15,17 +15,21 @@ class TtsConfig:
     """Which engine speaks, what takes over when it fails, and how audio is resampled."""
 
     engine: str = setting(
-        "VB_TTS_ENGINE", "piper", "TTS engine: piper (local neural voice), flite, or bench (fixed latency)."
+        "VB_TTS_ENGINE",
+        "auto",
+        "TTS engine: elevenlabs, piper (local neural voice), flite, bench (fixed latency); auto: "
+        "elevenlabs when ELEVENLABS_API_KEY is set, else piper.",
     )
     fallback: str = setting(
         "VB_TTS_FALLBACK",
-        "flite",
-        "Engine that speaks when the primary fails to load, fails on a chunk or stalls (empty: none).",
+        "auto",
+        "Engines that take over, in order, when the one speaking fails (comma-separated; none: no "
+        "fallback); auto: the local engines after the primary in elevenlabs, piper, flite.",
     )
     stall_s: float = setting(
         "VB_TTS_STALL_TIMEOUT",
         5.0,
-        "Seconds an engine may stay silent while text waits to be spoken before the fallback takes over.",
+        "Seconds a local engine may take for one sentence before the next engine takes over.",
     )
     resample_quality: str = setting(
         "VB_TTS_RESAMPLE_QUALITY", "HQ", "soxr quality of the resampling to the session's rate (QQ..VHQ)."

@@ -1,11 +1,11 @@
-"""One reply on its way from text chunks to frames on the bus, with engine failover and a watchdog.
+"""One reply on its way from text chunks to frames on the bus.
 
 The chunks of a reply (turn, generation) are pushed into one engine stream in index order as they
-arrive; its audio becomes frames (``ReplyAudio``) published at once, egress does the pacing. If the
-engine fails, or stays silent for ``VB_TTS_STALL_TIMEOUT`` while text waits, the failure is reported
-and the next engine of the chain speaks the reply from the first chunk that has no audio yet (the
-rest of a chunk cut off mid-way is lost rather than said twice). Frames keep counting, so the reply
-stays one timeline. Only the first frame and the end are published inside the "tts.reply" span.
+arrive; its audio becomes frames (``ReplyAudio``) published at once, egress does the pacing. The
+engine is usually a fallback chain: when the engine speaking fails, the next one goes on with the
+reply and the frames keep counting, so the reply stays one timeline; the switch is reported to the
+session. If every engine fails, the reply ends with what was said. Only the first frame and the end
+are published inside the "tts.reply" span.
 """
 
 from __future__ import annotations
@@ -13,28 +13,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from prometheus_client import Counter
 
 from proto import events as ev
 from proto import subjects as sj
 from proto.state import TtsReply
 from services.runtime import metrics, tracing
+from services.runtime.resilience import ProviderError
 from services.runtime.service import SessionContext
 from services.tts.config import TtsConfig
-from services.tts.engines.base import SynthAudio, TtsEngine, TtsError, TtsStream
+from services.tts.engines.base import SynthAudio, TtsEngine, TtsStream
 from services.tts.engines.chunked import speakable
+from services.tts.engines.fallback import FallbackStream
 from services.tts.framing import Frame, ReplyAudio
 
 log = logging.getLogger("voicebus.tts")
-
-engine_failures = Counter(
-    "vb_tts_engine_failures_total", "Replies an engine failed or stalled on, by engine", ["engine"]
-)
 
 #: How long a failed or cancelled engine stream may take to close before the reply goes on without it.
 CLOSE_TIMEOUT_S = 1.0
@@ -46,10 +42,6 @@ class BadChunk(ValueError):
     """A chunk that contradicts the reply's earlier chunks (after its last chunk, a second end)."""
 
 
-class Stalled(TtsError):
-    """The engine produced nothing for the stall timeout while text was waiting to be spoken."""
-
-
 class Reply:
     """Synthesis of one reply (turn, generation)."""
 
@@ -58,14 +50,14 @@ class Reply:
         ctx: SessionContext[Any],
         turn: int,
         generation: int,
-        engines: Sequence[TtsEngine],
+        engine: TtsEngine,
         cfg: TtsConfig,
         *,
         parent: Context | None = None,
         replay: bool = False,
     ) -> None:
         self.ctx, self.turn, self.generation = ctx, turn, generation
-        self.engines, self.cfg = engines, cfg
+        self.engine, self.cfg = engine, cfg
         #: Restored after a takeover: spoken again from frame 0, without timing marks.
         self.replay = replay
         self.chunks: dict[int, str] = {}
@@ -78,11 +70,6 @@ class Reply:
         self._span = tracing.tracer().start_span(
             "tts.reply", context=parent, attributes=tracing.clean({"turn": turn, "generation": generation})
         )
-        # watchdog: what the current engine was given and what it has said
-        self._pushed = -1  # highest chunk pushed
-        self._spoken = -1  # highest chunk with audio, whichever engine spoke it
-        self._end_sent = False
-        self._progress = 0.0  # monotonic time of the last push or piece
 
     @property
     def key(self) -> tuple[int, int]:
@@ -147,102 +134,69 @@ class Reply:
             self._span.end()
 
     async def _speak(self) -> None:
-        for n, engine in enumerate(self.engines):
-            try:
-                await self._speak_with(engine, self._spoken + 1)
-                return
-            except TtsError as e:
-                engine_failures.labels(engine.name).inc()
-                then = (
-                    f"{self.engines[n + 1].name} speaks from chunk {self._spoken + 1}"
-                    if n + 1 < len(self.engines)
-                    else "the rest of the reply is not spoken"
-                )
-                message = f"tts engine {engine.name} failed on turn {self.turn}: {e}; {then}"
-                log.warning(message, exc_info=e.__cause__ is not None)
-                await self.ctx.report("provider", message, turn=self.turn, retryable=e.retryable)
-
-    async def _open(self, engine: TtsEngine, reply_id: str) -> TtsStream:
+        reply_id = f"{self.ctx.session}.{self.turn}.{self.generation}"
+        items: asyncio.Queue[_Item] = asyncio.Queue()
+        stream: TtsStream | None = None
+        helpers: list[asyncio.Task[None]] = []
+        finished = False
         try:
-            async with asyncio.timeout(self.cfg.stall_s):
-                return await engine.open(self.ctx.session, reply_id, self.ctx.spec.agent.voice)
-        except TtsError:
-            raise
-        except TimeoutError:
-            raise Stalled(f"{engine.name} did not open a stream in {self.cfg.stall_s:.1f} s") from None
-        except Exception as e:  # a connection error of a cloud engine is still the engine's failure
-            raise TtsError(f"{engine.name} could not open a stream: {e}") from e
+            stream = await self.engine.open(self.ctx.session, reply_id, self.ctx.spec.agent.voice)
+            helpers = [
+                asyncio.create_task(self._push(stream, items), name=f"tts-push:{reply_id}"),
+                asyncio.create_task(self._read(stream, items), name=f"tts-read:{reply_id}"),
+            ]
+            switches = 0
+            while (item := await items.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                switches = await self._report_switch(stream, switches)
+                for frame in self.audio.add(item):
+                    await self._publish(frame)
+            finished = True
+        except ProviderError as e:
+            message = f"tts failed on turn {self.turn} after {self.audio.frames} frames: {e}"
+            log.warning(message)
+            await self.ctx.report("provider", message, turn=self.turn, retryable=e.retryable)
+        finally:
+            for helper in helpers:
+                helper.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+            if stream is not None and not finished:
+                await self._close(stream)
+            if isinstance(stream, FallbackStream):
+                self._span.set_attribute("engines", ",".join(stream.served_by))
 
-    async def _close(self, engine: TtsEngine, stream: TtsStream) -> None:
+    async def _report_switch(self, stream: TtsStream, reported: int) -> int:
+        """Tell the session when the fallback chain moved this reply to another engine mid-way."""
+        served = stream.served_by if isinstance(stream, FallbackStream) else []
+        for before, after in zip(served[reported:], served[reported + 1 :]):
+            message = f"tts engine {before} failed on turn {self.turn}; {after} took over"
+            await self.ctx.report("provider", message, turn=self.turn, retryable=True)
+        return max(reported, len(served) - 1)
+
+    async def _close(self, stream: TtsStream) -> None:
         """Close a stream that failed or was cancelled, without letting a provider delay the stop."""
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 await stream.cancel()
         except Exception:  # the stream is dead already; the reply goes on without it
-            log.warning("could not close a %s stream", engine.name, exc_info=True)
+            log.warning("could not close a %s stream", self.engine.name, exc_info=True)
 
-    async def _speak_with(self, engine: TtsEngine, start: int) -> None:
-        reply_id = f"{self.ctx.session}.{self.turn}.{self.generation}"
-        stream = await self._open(engine, reply_id)
-        self._span.set_attribute("engine", engine.name)
-        self._pushed, self._end_sent, self._progress = start - 1, False, time.monotonic()
-        items: asyncio.Queue[_Item] = asyncio.Queue()
-        helpers = [
-            asyncio.create_task(self._push(stream, start, items), name=f"tts-push:{reply_id}"),
-            asyncio.create_task(self._read(stream, items), name=f"tts-read:{reply_id}"),
-        ]
-        finished = False
+    async def _push(self, stream: TtsStream, items: asyncio.Queue[_Item]) -> None:
+        """Feed the stream the chunks in index order, as they arrive; then end it."""
         try:
-            while (piece := await self._next(items, engine)) is not None:
-                self._spoken = max(self._spoken, piece.chunk)
-                self._progress = time.monotonic()
-                for frame in self.audio.add(piece):
-                    await self._publish(frame)
-            finished = True
-        finally:
-            for helper in helpers:
-                helper.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
-            if not finished:
-                await self._close(engine, stream)
-
-    async def _next(self, items: asyncio.Queue[_Item], engine: TtsEngine) -> SynthAudio | None:
-        """The next piece, or None at the end; raises TtsError if the stream failed or stalled."""
-        while True:
-            waiting = self._end_sent or self._pushed > self._spoken
-            patience = self.cfg.stall_s - (time.monotonic() - self._progress) if waiting else self.cfg.stall_s
-            try:
-                async with asyncio.timeout(max(0.0, patience)):
-                    item = await items.get()
-            except TimeoutError:
-                if waiting and time.monotonic() - self._progress >= self.cfg.stall_s:
-                    raise Stalled(f"{engine.name} said nothing for {self.cfg.stall_s:.1f} s") from None
-                continue
-            if isinstance(item, TtsError):
-                raise item
-            if isinstance(item, Exception):  # an engine bug is still the engine's failure
-                raise TtsError(f"{type(item).__name__}: {item}") from item
-            return item
-
-    async def _push(self, stream: TtsStream, start: int, items: asyncio.Queue[_Item]) -> None:
-        """Feed the stream the chunks from ``start`` on, in index order, as they arrive; then end it."""
-        try:
-            index = start
+            index = 0
             while True:
                 while index in self.chunks:
                     if speakable(self.chunks[index]):
-                        if self._pushed <= self._spoken and not self._end_sent:
-                            self._progress = time.monotonic()  # the watchdog starts with this chunk
                         await stream.push_text(self.chunks[index], index)
-                        self._pushed = index
                     index += 1
                 if self.last is not None and index > self.last:
                     await stream.end()
-                    self._end_sent, self._progress = True, time.monotonic()
                     return
                 self._more.clear()
                 await self._more.wait()
-        except Exception as e:  # handed to the reading loop, which fails over
+        except Exception as e:  # handed to the reading loop, which ends the reply
             items.put_nowait(e)
 
     async def _read(self, stream: TtsStream, items: asyncio.Queue[_Item]) -> None:
@@ -250,7 +204,7 @@ class Reply:
             async for piece in stream.audio():
                 items.put_nowait(piece)
             items.put_nowait(None)
-        except Exception as e:  # handed to the reading loop, which fails over
+        except Exception as e:  # handed to the reading loop, which ends the reply
             items.put_nowait(e)
 
     async def _publish(self, frame: Frame) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Literal
 
 from proto import events as ev
@@ -26,6 +26,8 @@ from services.runtime.config import RuntimeConfig, load
 from services.tts.config import TtsConfig
 from services.tts.engines import load_chain
 from services.tts.engines.base import TtsEngine
+from services.tts.engines.elevenlabs import ElevenLabsSettings
+from services.tts.engines.fallback import FallbackSettings
 from services.tts.reply import BadChunk, Reply
 
 log = logging.getLogger("voicebus.tts")
@@ -40,11 +42,9 @@ KEEP_TURNS = 64
 class TtsWorker(service.SessionWorker[TtsState]):
     """Speaks one session's replies."""
 
-    def __init__(
-        self, ctx: service.SessionContext[TtsState], engines: Sequence[TtsEngine], cfg: TtsConfig
-    ) -> None:
+    def __init__(self, ctx: service.SessionContext[TtsState], engine: TtsEngine, cfg: TtsConfig) -> None:
         super().__init__(ctx)
-        self.engines, self.cfg = engines, cfg
+        self.engine, self.cfg = engine, cfg
         self.replies: dict[tuple[int, int], Reply] = {}
         #: turn -> highest generation that is finished, cancelled or superseded
         self.closed: dict[int, int] = {}
@@ -55,7 +55,7 @@ class TtsWorker(service.SessionWorker[TtsState]):
             return
         self.closed = dict(self.ctx.restored.closed)
         for saved in self.ctx.restored.replies:
-            reply = Reply(self.ctx, saved.turn, saved.generation, self.engines, self.cfg, replay=True)
+            reply = Reply(self.ctx, saved.turn, saved.generation, self.engine, self.cfg, replay=True)
             reply.restore(saved)
             self._launch(reply)
         if self.replies:
@@ -100,7 +100,7 @@ class TtsWorker(service.SessionWorker[TtsState]):
             except BadChunk as e:
                 await self.ctx.report("malformed", str(e), turn=chunk.turn)
             return
-        reply = Reply(self.ctx, chunk.turn, chunk.generation, self.engines, self.cfg, parent=delivery.parent)
+        reply = Reply(self.ctx, chunk.turn, chunk.generation, self.engine, self.cfg, parent=delivery.parent)
         reply.add(chunk)
         self._launch(reply)
         # a newer generation supersedes the older ones of its turn
@@ -162,5 +162,5 @@ def main() -> int:
     runtime = load(RuntimeConfig)
     runtime_log.setup(runtime.log_level, redact_pii=runtime.redact_pii)
     cfg = load(TtsConfig)
-    engines = load_chain(cfg)
-    return service.run("tts", lambda ctx: TtsWorker(ctx, engines, cfg), state_type=TtsState)
+    engine = load_chain(cfg, load(ElevenLabsSettings), load(FallbackSettings))
+    return service.run("tts", lambda ctx: TtsWorker(ctx, engine, cfg), state_type=TtsState)

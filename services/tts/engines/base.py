@@ -29,18 +29,6 @@ class SynthAudio:
     words: tuple[WordTiming, ...] = ()
 
 
-class TtsError(Exception):
-    """An engine could not synthesise (provider error, bad voice, synthesiser crash).
-
-    The tts service reports it and lets the fallback engine speak the rest of the reply;
-    ``retryable`` says whether the same request could succeed later (it goes into the ErrorEvent).
-    """
-
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-
-
 class TtsStream(abc.ABC):
     """Synthesis of one reply."""
 

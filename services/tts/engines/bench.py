@@ -20,6 +20,7 @@ from services.tts.engines.chunked import ChunkedStream, Spoken
 RATE = 24_000
 FIRST_FRAME_S = 0.080
 WORD_MS = 100
+STALL_S = 5.0  # the fake never stalls: the watchdog is there because every stream has one
 FRAMES_PER_WORD = WORD_MS // FRAME_MS
 #: A 400 Hz tone: exactly 8 periods per frame, so consecutive frames join without a click.
 TONE = (np.sin(2 * np.pi * 400 * np.arange(RATE * FRAME_MS // 1000) / RATE) * 8000).astype(np.int16).tobytes()
@@ -35,7 +36,7 @@ class BenchEngine(TtsEngine):
 
     async def open(self, session: str, reply_id: str, voice: str = "") -> TtsStream:
         """A stream for one reply."""
-        return ChunkedStream(_Schedule(self.speed).speak)
+        return ChunkedStream(self.name, _Schedule(self.speed).speak, STALL_S)
 
 
 class _Schedule:

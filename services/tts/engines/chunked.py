@@ -3,7 +3,8 @@
 Piper, flite and the bench engine take a whole piece of text and return its audio; they do not stream
 text in. A ``ChunkedStream`` queues the pushed chunks and has the engine's ``speak`` say them in order,
 one part (a sentence, a frame) at a time, so ``cancel`` takes effect at the next part boundary and
-drops what is queued.
+drops what is queued. A part that takes longer than the stall timeout is a failure (ProviderTimeout):
+the fallback chain moves the reply to the next engine.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 
 from proto.events import WordTiming
+from services.runtime.resilience import ProviderTimeout
 from services.tts.engines.base import SynthAudio, TtsStream
 from services.tts.framing import duration_ms, estimate_words, shift
 
@@ -57,10 +59,10 @@ Speak = Callable[[str, float], AsyncGenerator[Spoken, None]]
 
 
 class ChunkedStream(TtsStream):
-    """A reply's chunks, spoken in order by ``speak``."""
+    """A reply's chunks, spoken in order by ``speak``; each part must come within ``stall_s``."""
 
-    def __init__(self, speak: Speak) -> None:
-        self._speak = speak
+    def __init__(self, engine: str, speak: Speak, stall_s: float) -> None:
+        self._engine, self._speak, self._stall_s = engine, speak, stall_s
         self._queue: asyncio.Queue[_Chunk | None] = asyncio.Queue()
         self._cancelled = False
 
@@ -78,13 +80,22 @@ class ChunkedStream(TtsStream):
         while not self._cancelled and (chunk := await self._queue.get()) is not None:
             elapsed_ms = 0.0
             async with contextlib.aclosing(self._speak(chunk.text, chunk.received)) as parts:
-                async for part in parts:
+                while (part := await self._next(parts)) is not None:
                     if self._cancelled:
                         return
                     ms = duration_ms(part.pcm, part.sample_rate)
                     words = estimate_words(part.text, ms) if part.words is None else part.words
                     yield SynthAudio(part.pcm, part.sample_rate, chunk.index, shift(words, elapsed_ms))
                     elapsed_ms += ms
+
+    async def _next(self, parts: AsyncGenerator[Spoken, None]) -> Spoken | None:
+        try:
+            async with asyncio.timeout(self._stall_s):
+                return await anext(parts)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise ProviderTimeout(self._engine, f"no audio for {self._stall_s:.1f} s") from None
 
     async def cancel(self) -> None:
         """Drop what is queued; the part being made is thrown away when it is done."""

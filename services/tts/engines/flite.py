@@ -15,8 +15,10 @@ import wave
 from collections.abc import AsyncGenerator
 from pathlib import Path
 
+from services.runtime.config import ConfigError
+from services.runtime.resilience import ProviderError, ProviderUnavailable
 from services.tts.config import TtsConfig
-from services.tts.engines.base import TtsEngine, TtsError, TtsStream
+from services.tts.engines.base import TtsEngine, TtsStream
 from services.tts.engines.chunked import ChunkedStream, Spoken, speakable
 
 
@@ -25,24 +27,28 @@ class FliteEngine(TtsEngine):
 
     name = "flite"
 
-    def __init__(self, binary: str, voice: str) -> None:
-        self.binary, self.voice = binary, voice
+    def __init__(self, binary: str, voice: str, stall_s: float = 5.0) -> None:
+        self.binary, self.voice, self.stall_s = binary, voice, stall_s
 
     @classmethod
-    def load(cls, voice: str, binary: str = "flite") -> FliteEngine:
+    def load(cls, voice: str, stall_s: float = 5.0, binary: str = "flite") -> FliteEngine:
         """Find the binary and check that it has ``voice`` (a built-in name or a .flitevox file)."""
         path = shutil.which(binary)
         if path is None:
-            raise TtsError(f"{binary} is not installed (Debian package flite; deploy/dev-setup.sh)")
+            raise ProviderUnavailable(
+                "flite", f"{binary} is not installed (Debian flite; deploy/dev-setup.sh)"
+            )
         if not Path(voice).is_file():
             listing = subprocess.run([path, "-lv"], capture_output=True, text=True, check=True).stdout
             if voice not in listing.split(":", 1)[-1].split():
-                raise TtsError(f"flite has no voice {voice!r} ({listing.strip()})")
-        return cls(path, voice)
+                raise ConfigError(
+                    f"VB_TTS_FLITE_VOICE={voice!r}: flite has no such voice ({listing.strip()})"
+                )
+        return cls(path, voice, stall_s)
 
     async def open(self, session: str, reply_id: str, voice: str = "") -> TtsStream:
         """A stream for one reply (``voice`` is ignored: the configured flite voice speaks)."""
-        return ChunkedStream(self.speak)
+        return ChunkedStream(self.name, self.speak, self.stall_s)
 
     async def speak(self, text: str, received: float) -> AsyncGenerator[Spoken, None]:
         """The whole chunk in one piece (flite takes milliseconds for a sentence)."""
@@ -71,16 +77,17 @@ class FliteEngine(TtsEngine):
                     proc.kill()
                 await proc.wait()
         if proc.returncode != 0:
-            raise TtsError(f"flite exited with {proc.returncode}: {err.decode(errors='replace')[:200]}")
+            message = f"exited with {proc.returncode}: {err.decode(errors='replace')[:200]}"
+            raise ProviderError(self.name, message, retryable=False)
         try:
             with wave.open(io.BytesIO(out)) as wav:
                 if wav.getsampwidth() != 2 or wav.getnchannels() != 1:
-                    raise TtsError("flite wrote audio that is not mono 16-bit")
+                    raise ProviderError(self.name, "wrote audio that is not mono 16-bit", retryable=False)
                 return wav.readframes(wav.getnframes()), wav.getframerate()
         except (wave.Error, EOFError) as e:
-            raise TtsError(f"flite wrote no usable WAV: {e}") from e
+            raise ProviderError(self.name, f"wrote no usable WAV: {e}", retryable=False) from e
 
 
 def load(cfg: TtsConfig) -> FliteEngine:
     """The flite engine with the configured voice."""
-    return FliteEngine.load(cfg.flite_voice)
+    return FliteEngine.load(cfg.flite_voice, cfg.stall_s)

