@@ -26,8 +26,10 @@ from proto import subjects as sj
 from services.runtime.bus import Bus
 from services.runtime.sessions import open_session
 from services.tools.stack import Stack, StageProcess
+from tests.fakes.elevenlabs import FakeElevenLabs
 from tests.support.tap import Tap
 
+ELEVENLABS_KEY = "sk_" + "0" * 32
 WORDS_20 = "one two three four five six seven eight nine ten " * 2
 
 
@@ -269,3 +271,18 @@ async def test_the_reply_span_continues_the_chunks_trace_and_only_the_first_fram
     assert span["attributes"]["frames"] == end.frames == 15
     assert span["context"]["span_id"][2:] in headers[0]["traceparent"]
     assert sorted(headers) == list(range(15)) and not any("traceparent" in headers[i] for i in range(1, 15))
+
+
+async def test_elevenlabs_is_the_engine_when_its_key_is_set_and_its_alignment_times_the_words(
+    stack: Stack, bus: Bus, session_id: str
+) -> None:
+    async with FakeElevenLabs(ELEVENLABS_KEY) as fake:
+        env = {"ELEVENLABS_API_KEY": ELEVENLABS_KEY, "VB_ELEVENLABS_URL": fake.url, "VB_TTS_FALLBACK": "none"}
+        await start_tts(stack, env)
+        async with opened(bus, session_id, 16_000) as tap:
+            await say(bus, session_id, 1, ["Hello there, friend.", "How are you today?"])
+            await tap.wait(ev.AgentAudioEnd, lambda e: e.turn == 1)
+    frames, end = check_reply(tap, 1, 16_000, chunks=2)
+    assert fake.seen.opened and end.text == "Hello there, friend. How are you today?"
+    words = [w for f in frames for w in f.words]
+    assert words[3].start_ms >= words[2].end_ms  # chunk 1's words start after chunk 0's audio
