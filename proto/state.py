@@ -6,11 +6,82 @@ Each stage's record subclasses ``StageState``; it is stored (msgpack) inside the
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
 
 class StageState(msgspec.Struct, kw_only=True):
     """Base of the per-stage session state records."""
+
+
+class ReplyPosition(msgspec.Struct, kw_only=True):
+    """How far a reply had played: frames below ``next_index`` were played (or skipped as lost)."""
+
+    turn: int
+    generation: int = 0
+    next_index: int = 0
+    played: int = 0
+
+
+class EgressState(StageState, kw_only=True):
+    """Egress's playout of a session, so that a successor neither replays nor loses audio.
+
+    ``audio_out_seq`` and ``caller_seq`` are the stream sequences the successor re-reads ``audio.out``
+    and ``audio.in`` after: the frames of replies not yet over (queued in memory, never played) and
+    caller audio not yet written to the recording.
+    """
+
+    #: Replies of turns below ``floor`` are stale (a newer turn's reply has started playing).
+    floor: int = 0
+    #: Replies of turns up to ``cut`` were interrupted.
+    cut: int = -1
+    #: Replies that are over (played out, cancelled, superseded): (turn, generation, played_ms).
+    closed: list[tuple[int, int, int]] = []
+    #: The newest generation seen of each turn: (turn, generation).
+    generations: list[tuple[int, int]] = []
+    #: The reply that was playing.
+    current: ReplyPosition | None = None
+    audio_out_seq: int = 0
+    caller_seq: int = 0
+
+
+class DialogueMessage(msgspec.Struct, kw_only=True):
+    """One message of the conversation: what the caller said, or what the caller heard of a reply."""
+
+    role: Literal["user", "assistant"]
+    turn: int
+    text: str
+    #: The reply was cut off: ``text`` is the part the caller heard.
+    interrupted: bool = False
+    #: Generation of the reply the caller heard (a regenerated reply replaces an earlier one).
+    generation: int = 0
+
+
+class SentReply(msgspec.Struct, kw_only=True):
+    """A reply sent to TTS whose playout has not been reported yet (its text enters the history then)."""
+
+    turn: int
+    generation: int
+    text: str
+    #: Generated to the end (else cancelled part-way; only the heard text can enter the history).
+    complete: bool
+
+
+class DialogueState(StageState, kw_only=True):
+    """The conversation and where its replies stand.
+
+    ``last_turn`` is the latest turn a reply was asked for (0: the greeting) and ``generation`` the
+    generation of that reply; ``answered_turn`` the latest turn whose reply needs no more generating
+    (it went out to the end, or a Cancel or Interrupt stopped it). A successor that finds
+    ``last_turn > answered_turn`` regenerates that reply with the next generation.
+    """
+
+    history: list[DialogueMessage] = []
+    last_turn: int = -1
+    generation: int = 0
+    answered_turn: int = -1
+    unplayed: list[SentReply] = []
 
 
 class TtsReply(msgspec.Struct, kw_only=True):
