@@ -86,16 +86,19 @@ def piece(chunk: int, ms: float, rate: int = 22_050, words: tuple[WordTiming, ..
     return SynthAudio(tone(ms, rate), rate, chunk, words)
 
 
-def test_estimated_word_timings_are_monotonic_inside_the_audio_and_offset_per_chunk() -> None:
+def test_an_untimed_chunk_is_held_until_complete_then_its_estimated_words_ride_on_its_first_frame() -> None:
     texts = {0: "Hello there, my friend.", 1: "The weather is lovely today and tomorrow."}
     reply = ReplyAudio(24_000, texts)
-    frames = reply.add(piece(0, 900)) + reply.add(piece(0, 300)) + reply.add(piece(1, 2000))
-    frames += reply.finish()
+    assert reply.add(piece(0, 900)) == [] and reply.add(piece(0, 300)) == []  # chunk 0 may go on
+    first = reply.add(piece(1, 2000))  # chunk 0 is complete, chunk 1 is held in its turn
+    assert {f.chunk for f in first} == {0} and len(first) >= 1200 // FRAME_MS - 2  # less the resampler delay
+    frames = first + reply.finish()
     assert [f.index for f in frames] == list(range(len(frames)))
+    starts = {min(f.index for f in frames if f.chunk == c) for c in texts}
+    assert all(bool(f.words) == (f.index in starts) for f in frames)
     words = [w for f in frames for w in f.words]
     assert [w.text for w in words] == " ".join(texts.values()).split()
-    starts = [w.start_ms for w in words]
-    assert starts == sorted(starts)
+    assert [w.start_ms for w in words] == sorted(w.start_ms for w in words)
     assert all(w.start_ms <= w.end_ms for w in words)
     assert words[0].start_ms == 0 and words[3].end_ms == 1200  # chunk 0 fills its 1.2 s
     assert words[4].start_ms == 1200 and words[-1].end_ms == 3200  # chunk 1 starts where 0 ended

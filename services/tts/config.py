@@ -29,7 +29,7 @@ class TtsConfig:
     stall_s: float = setting(
         "VB_TTS_STALL_TIMEOUT",
         5.0,
-        "Seconds a local engine may take for one sentence before the next engine takes over.",
+        "Seconds a local engine may take for one chunk before the next engine takes over.",
     )
     resample_quality: str = setting(
         "VB_TTS_RESAMPLE_QUALITY", "HQ", "soxr quality of the resampling to the session's rate (QQ..VHQ)."

@@ -104,11 +104,11 @@ class Frame:
 class ReplyAudio:
     """One reply's audio timeline: frames numbered from 0, word timings from the reply's start.
 
-    ``texts`` maps chunk index to chunk text; it is read when a chunk's words must be estimated.
-    Words ride on the first frame made after they are known: for an engine that gives timings (or a
-    local engine, which gives estimates per sentence) that is the first frame of the chunk; for one that
-    gives none, the chunk is estimated as a whole once its audio is complete, so its words come with
-    the frame after it.
+    A chunk's words ride on its first frame. An engine that times words gives them with the chunk's
+    first piece (the local engines time a whole chunk at once); words of later pieces (streaming
+    alignment) ride on the first frame made after them. For an engine that gives no timings, a chunk's
+    frames are held until its audio is complete, then its words are estimated over that audio by
+    character count (``texts`` maps chunk index to text): right timings, at the cost of latency.
     """
 
     def __init__(self, out_rate: int, texts: Mapping[int, str], quality: str = "HQ") -> None:
@@ -120,36 +120,41 @@ class ReplyAudio:
         self._chunk: int | None = None
         self._chunk_start_ms = 0.0
         self._chunk_timed = False
-        self._words: list[WordTiming] = []
-
-    @property
-    def chunk(self) -> int | None:
-        """The chunk whose audio came last."""
-        return self._chunk
+        self._words: list[WordTiming] = []  # waiting for the next frame
+        self._held: list[bytes] = []  # frames of an untimed chunk, waiting for its words
 
     def add(self, piece: SynthAudio) -> list[Frame]:
-        """Frames completed by ``piece``."""
+        """Frames ready to publish once ``piece`` is in."""
+        frames = []
         if piece.chunk != self._chunk:
-            self._close_chunk()
-            self._chunk, self._chunk_start_ms, self._chunk_timed = piece.chunk, self.ms, False
-        if piece.words:
-            self._chunk_timed = True
+            frames += self._close_chunk()
+            self._chunk, self._chunk_start_ms, self._chunk_timed = piece.chunk, self.ms, bool(piece.words)
+        if self._chunk_timed:
             self._words += shift(piece.words, self._chunk_start_ms)
         self.ms += duration_ms(piece.pcm, piece.sample_rate)
-        return self._number(self._framer.push(piece.pcm, piece.sample_rate), piece.chunk)
+        pcms = self._framer.push(piece.pcm, piece.sample_rate)
+        if not self._chunk_timed:
+            self._held += pcms
+            return frames
+        return frames + self._number(pcms, piece.chunk)
 
     def finish(self) -> list[Frame]:
         """The last frames of the reply (the very last one padded)."""
-        self._close_chunk()
-        frames = self._framer.flush()
-        if not frames and self._words:  # words must ride on a frame: a silent one if no audio is left
-            frames = [bytes(frame_bytes(self._framer.out_rate))]
-        return self._number(frames, self._chunk or 0)
+        frames = self._close_chunk()
+        pcms = self._framer.flush()
+        if not pcms and self._words:  # words must ride on a frame: a silent one if no audio is left
+            pcms = [bytes(frame_bytes(self._framer.out_rate))]
+        return frames + self._number(pcms, self._chunk or 0)
 
-    def _close_chunk(self) -> None:
-        if self._chunk is not None and not self._chunk_timed:
-            text = self._texts.get(self._chunk, "")
-            self._words += estimate_words(text, self.ms - self._chunk_start_ms, self._chunk_start_ms)
+    def _close_chunk(self) -> list[Frame]:
+        """An untimed chunk is complete: estimate its words and let its frames go."""
+        if self._chunk is None or self._chunk_timed:
+            return []
+        text = self._texts.get(self._chunk, "")
+        self._words += estimate_words(text, self.ms - self._chunk_start_ms, self._chunk_start_ms)
+        self._chunk_timed = True
+        held, self._held = self._held, []
+        return self._number(held, self._chunk)
 
     def _number(self, pcms: list[bytes], chunk: int) -> list[Frame]:
         frames = []

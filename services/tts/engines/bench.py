@@ -2,7 +2,8 @@
 
 The first 20 ms frame of a chunk comes 80 ms after the chunk was pushed, the next ones at real-time
 pace (divided by ``speed``), 24 kHz mono s16le, 100 ms of audio per word. A chunk pushed while an
-earlier one is still being produced starts after it. Word timings are exact (100 ms per word).
+earlier one is still being produced starts after it. Word timings are exact (100 ms per word) and
+come with the chunk's first frame.
 """
 
 from __future__ import annotations
@@ -52,11 +53,13 @@ class _Schedule:
         words = text.split()
         start = max(received + FIRST_FRAME_S, self._free_at)
         self._free_at = start + len(words) * FRAMES_PER_WORD * self._step
+        timings = tuple(
+            WordTiming(text=word, start_ms=i * WORD_MS, end_ms=(i + 1) * WORD_MS)
+            for i, word in enumerate(words)
+        )
         for i in range(len(words) * FRAMES_PER_WORD):
             await asyncio.sleep(max(0.0, start + i * self._step - loop.time()))
-            word, nth = divmod(i, FRAMES_PER_WORD)
-            timing = (WordTiming(text=words[word], start_ms=0, end_ms=WORD_MS),) if nth == 0 else ()
-            yield Spoken(text, TONE, RATE, timing)
+            yield Spoken(text, TONE, RATE, timings if i == 0 else ())
 
 
 def load(cfg: TtsConfig) -> BenchEngine:

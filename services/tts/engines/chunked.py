@@ -2,7 +2,7 @@
 
 Piper, flite and the bench engine take a whole piece of text and return its audio; they do not stream
 text in. A ``ChunkedStream`` queues the pushed chunks and has the engine's ``speak`` say them in order,
-one part (a sentence, a frame) at a time, so ``cancel`` takes effect at the next part boundary and
+one part (a whole chunk, a frame) at a time, so ``cancel`` takes effect at the next part boundary and
 drops what is queued. A part that takes longer than the stall timeout is a failure (ProviderTimeout):
 the fallback chain moves the reply to the next engine.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -19,13 +18,6 @@ from proto.events import WordTiming
 from services.runtime.resilience import ProviderTimeout
 from services.tts.engines.base import SynthAudio, TtsStream
 from services.tts.framing import duration_ms, estimate_words, shift
-
-_SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
-
-
-def sentences(text: str) -> list[str]:
-    """``text`` split after sentence punctuation; parts without anything to say are dropped."""
-    return [s for s in _SENTENCE_END.split(text.strip()) if speakable(s)]
 
 
 def speakable(text: str) -> bool:
@@ -37,8 +29,8 @@ def speakable(text: str) -> bool:
 class Spoken:
     """Audio an engine made for part of a chunk.
 
-    ``words``: timings within this part (ms from its start) when the engine knows them; ``None``
-    means estimate them from ``text``.
+    ``words``: timings of the words this part begins (ms from its start; they may run past its end)
+    when the engine knows them; ``None`` means estimate them over this part from ``text``.
     """
 
     text: str

@@ -1,11 +1,11 @@
 """Piper: a local neural voice (VITS in onnxruntime), loaded once per process, 22.05 kHz.
 
-Each chunk is spoken a sentence at a time, so a long chunk's first sentence plays while the next is
-synthesised. Inference runs off the event loop in a dedicated pool of ``VB_TTS_PIPER_WORKERS``
-threads (onnxruntime releases the GIL). Each synthesis uses ``VB_TTS_PIPER_THREADS`` onnxruntime
-threads without spin-waiting: measured on the shared 2-core machine, one non-spinning thread per
-synthesis was faster (a 12-word sentence: 570 ms against 820 ms) and used 30 % less CPU than
-onnxruntime's default of spinning threads on every core.
+A chunk is synthesised whole: the dialogue already cuts replies at clauses and sentences, and the
+chunk's words (estimated over its audio) must ride on its first frame. Inference runs off the event
+loop in a dedicated pool of ``VB_TTS_PIPER_WORKERS`` threads (onnxruntime releases the GIL). Each
+synthesis uses ``VB_TTS_PIPER_THREADS`` onnxruntime threads without spin-waiting: measured on the
+shared 2-core machine, one non-spinning thread per synthesis was faster (a 12-word sentence: 570 ms
+against 820 ms) and used 30 % less CPU than onnxruntime's default of spinning threads on every core.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from piper.config import PiperConfig
 from services.runtime.resilience import ProviderError
 from services.tts.config import TtsConfig
 from services.tts.engines.base import TtsEngine, TtsStream
-from services.tts.engines.chunked import ChunkedStream, Spoken, sentences
+from services.tts.engines.chunked import ChunkedStream, Spoken, speakable
 
 log = logging.getLogger("voicebus.tts")
 
@@ -55,9 +55,9 @@ class PiperEngine(TtsEngine):
         log.info("piper voice %s loaded in %.1f s", model.name, time.perf_counter() - started)
         return engine
 
-    def pcm(self, sentence: str) -> bytes:
-        """Audio of one sentence, mono s16le (blocking: run it in the pool)."""
-        return b"".join(part.audio_int16_bytes for part in self.voice.synthesize(sentence))
+    def pcm(self, text: str) -> bytes:
+        """Audio of ``text``, mono s16le (blocking: run it in the pool)."""
+        return b"".join(sentence.audio_int16_bytes for sentence in self.voice.synthesize(text))
 
     async def open(self, session: str, reply_id: str, voice: str = "") -> TtsStream:
         """A stream for one reply (``voice`` is ignored: one piper voice per process)."""
@@ -67,17 +67,17 @@ class PiperEngine(TtsEngine):
         """Stop the inference threads."""
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def synthesize(self, sentence: str) -> bytes:
+    async def synthesize(self, text: str) -> bytes:
         """``pcm`` off the event loop."""
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, self.pcm, sentence)
+            return await asyncio.get_running_loop().run_in_executor(self._pool, self.pcm, text)
         except Exception as e:  # onnxruntime and the phonemizer raise their own types
-            raise ProviderError(self.name, f"failed on {sentence[:40]!r}: {e}", retryable=False) from e
+            raise ProviderError(self.name, f"failed on {text[:40]!r}: {e}", retryable=False) from e
 
     async def speak(self, text: str, received: float) -> AsyncGenerator[Spoken, None]:
-        """Each sentence of a chunk as soon as it is synthesised."""
-        for sentence in sentences(text):
-            yield Spoken(sentence, await self.synthesize(sentence), self.sample_rate)
+        """The chunk's audio."""
+        if speakable(text):
+            yield Spoken(text, await self.synthesize(text), self.sample_rate)
 
 
 def load(cfg: TtsConfig) -> PiperEngine:
