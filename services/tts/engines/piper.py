@@ -3,9 +3,11 @@
 A chunk is synthesised whole: the dialogue already cuts replies at clauses and sentences, and the
 chunk's words (estimated over its audio) must ride on its first frame. Inference runs off the event
 loop in a dedicated pool of ``VB_TTS_PIPER_WORKERS`` threads (onnxruntime releases the GIL). Each
-synthesis uses ``VB_TTS_PIPER_THREADS`` onnxruntime threads without spin-waiting: measured on the
-shared 2-core machine, one non-spinning thread per synthesis was faster (a 12-word sentence: 570 ms
-against 820 ms) and used 30 % less CPU than onnxruntime's default of spinning threads on every core.
+synthesis uses ``VB_TTS_PIPER_THREADS`` onnxruntime threads without spin-waiting. Measured on a
+2-core machine shared with other work (load 8), one non-spinning thread was faster for a 12-word
+sentence than onnxruntime's default of spinning threads on every core (570 against 820 ms) and used
+30 % less CPU; on a quiet machine two threads are faster (215 against 305 ms): set 2 for a replica
+with cores to spare.
 """
 
 from __future__ import annotations
