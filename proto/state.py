@@ -84,6 +84,21 @@ class DialogueState(StageState, kw_only=True):
     unplayed: list[SentReply] = []
 
 
+class SttState(StageState, kw_only=True):
+    """What stt keeps between turns; checkpointed when a turn ends, while no turn is open.
+
+    A successor resumes reading audio right after that point, so it re-transcribes a turn that was in
+    progress from the audio on the bus, under the same turn id.
+    """
+
+    #: Id of the last turn that ended (a noise turn included): the next turn is ``last_turn + 1``.
+    last_turn: int = 0
+    #: Index of the last audio frame handled: frames re-published by a successor ingress are skipped.
+    last_frame: int = -1
+    #: The last VAD segment handled: its re-published SpeechStarted/SpeechStopped are skipped.
+    last_segment: int = -1
+
+
 class TtsReply(msgspec.Struct, kw_only=True):
     """A reply tts had not finished speaking: the chunks received so far, by index."""
 
