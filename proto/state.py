@@ -97,3 +97,25 @@ class SttState(StageState, kw_only=True):
     last_frame: int = -1
     #: The last VAD segment handled: its re-published SpeechStarted/SpeechStopped are skipped.
     last_segment: int = -1
+
+
+class TtsReply(msgspec.Struct, kw_only=True):
+    """A reply tts had not finished speaking: the chunks received so far, by index."""
+
+    turn: int
+    generation: int
+    chunks: dict[int, str] = {}
+    #: Index of the chunk marked ``last``, once it has arrived.
+    last: int | None = None
+
+
+class TtsState(StageState, kw_only=True):
+    """What a tts successor needs: replies to speak again from their first frame, and what is closed.
+
+    A successor re-synthesises every reply in ``replies`` with the same frame indices (egress drops the
+    frames it already has). ``closed`` maps a turn to its highest generation that is finished,
+    cancelled or superseded, so late or repeated chunks of those generations are dropped.
+    """
+
+    replies: list[TtsReply] = []
+    closed: dict[int, int] = {}
