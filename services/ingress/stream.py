@@ -46,7 +46,7 @@ class CallerStream:
             min_silence_ms=cfg.min_silence_ms,
             state=state.speech,
         )
-        self._source = ctx.spec.source
+        self._frames_in = metrics.frames_in.labels(ctx.spec.source)
         #: Set when a speech start or stop was published since the last ``save``.
         self.at_boundary = False
 
@@ -60,7 +60,7 @@ class CallerStream:
             )
             await self.ctx.publish(sj.AUDIO_IN, frame)
             self.next_frame = index + 1
-            metrics.frames_in.labels(self._source).inc()
+            self._frames_in.inc()
             metrics.frame_delay.observe((time.time_ns() - arrived_ns) / 1e9)
             if prob is None:
                 continue
