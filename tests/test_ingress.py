@@ -18,6 +18,7 @@ import soxr
 from proto import codec
 from proto import events as ev
 from proto import subjects as sj
+from services.ingress.audio import read_wav
 from services.runtime.bus import Bus
 from services.runtime.sessions import open_session
 from services.tools.stack import Stack, StageProcess
@@ -269,6 +270,39 @@ async def test_a_successor_continues_the_frames_after_the_owner_is_killed_mid_st
     stops = {(e.segment, e.end_ms) for e in speech_events if isinstance(e, ev.SpeechStopped)}
     assert [s for s, _ in sorted(starts)] == [0, 1] and [s for s, _ in sorted(stops)] == [0, 1]
     assert near(sorted(starts)[1][1], second_speech_frame * 20)
+
+
+@pytest.mark.slow
+async def test_a_successor_continues_a_file_where_the_killed_owner_was(
+    stack: Stack, bus: Bus, session_id: str, tmp_path: Path
+) -> None:
+    await start_ingress(stack, 2, VB_INGRESS_FILE_TAIL="1")
+    path = write_wav(
+        tmp_path / "caller.wav", np.concatenate((silence(320), speech(), silence(500))), 24000, 1
+    )
+    audio = read_wav(path)
+    total = len(audio) // FRAME + 50
+    spec = ev.SessionSpec(session=session_id, source="file", source_uri=str(path), speed=2.0)
+    async with Tap(bus, session_id) as tap:
+        owners = await open_session(bus, spec, stages=("ingress",))
+        await tap.wait(ev.UserAudioFrame, lambda f: f.index >= 60, timeout=30)
+        (owner,) = [p for p in stack.of("ingress") if p.replica == owners["ingress"].replica]
+        await asyncio.to_thread(stack.kill, owner, signal.SIGKILL)
+        (ended,) = await tap.wait(ev.SessionEnded, timeout=30)
+
+    assert ended.reason == "completed" and ended.seq >> 32 == 2
+    seen = frames(tap)
+    assert {f.index for f in seen} == set(range(total))
+    silent = bytes(2 * FRAME)
+    for f in seen:  # the successor resumed the file at the checkpointed position, not from its start
+        expected = (
+            audio[f.index * FRAME : (f.index + 1) * FRAME].tobytes()
+            if f.index * FRAME < len(audio)
+            else silent
+        )
+        assert f.pcm == expected, f"frame {f.index} differs"
+    first_owner = max(f.index for f in seen if f.seq >> 32 == 1)
+    assert 0 < min(f.index for f in seen if f.seq >> 32 == 2) <= first_owner + 1
 
 
 def cpu_seconds(pid: int) -> float:

@@ -65,7 +65,7 @@ class CallerStream:
             if prob is None:
                 continue
             change = self.segmenter.push(prob)
-            if self.segmenter.speech_window:
+            if self.segmenter.speech_window:  # this frame ends a speech window: as late as speech is known
                 self.speech_end_ts = arrived_ns
             if change is not None:
                 await self._announce(change, index)
