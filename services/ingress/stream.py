@@ -54,19 +54,21 @@ class CallerStream:
         """Publish the frames ``samples`` complete (all of them, padded, when the stream ``last`` ends)."""
         for pcm in self._framer.push(samples, pad=last):
             prob = await self._vad.push(pcm)
-            index = self.next_frame
+            # the state moves on in one step before publishing, so a save always sees it consistent
+            index, change = self.next_frame, None
+            self.next_frame += 1
+            if prob is not None:
+                change = self.segmenter.push(prob)
+                if (
+                    self.segmenter.speech_window
+                ):  # this frame ends a speech window: as late as speech is known
+                    self.speech_end_ts = arrived_ns
             frame = ev.UserAudioFrame(
                 session=self.ctx.session, index=index, pcm=pcm.tobytes(), speech_prob=prob or 0.0
             )
             await self.ctx.publish(sj.AUDIO_IN, frame)
-            self.next_frame = index + 1
             self._frames_in.inc()
             metrics.frame_delay.observe((time.time_ns() - arrived_ns) / 1e9)
-            if prob is None:
-                continue
-            change = self.segmenter.push(prob)
-            if self.segmenter.speech_window:  # this frame ends a speech window: as late as speech is known
-                self.speech_end_ts = arrived_ns
             if change is not None:
                 await self._announce(change, index)
 
