@@ -291,4 +291,4 @@ class VirtualCaller:
                 case ev.PlayoutStopped(turn=t, heard_text=text) if t == turn.number:
                     turn.replied = text
                 case ev.TurnMark(turn=t, mark=mark, at_ns=at) if t == turn.number:
-                    turn.marks.setdefault(mark, at)
+                    turn.marks[mark] = at  # a turn of several speech segments: its last segment counts
