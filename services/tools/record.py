@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import os
 import time
 from pathlib import Path
@@ -34,11 +35,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="leave out the agent's audio frames (the caller side and all text events stay)",
     )
+    export.add_argument(
+        "--no-caller-media",
+        action="store_true",
+        help="leave out the caller's raw media (its 16 kHz frames on audio.in stay)",
+    )
 
 
-async def export(bus: Bus, session: str, *, agent_audio: bool = True, timeout_s: float = 30.0) -> Recording:
+async def export(
+    bus: Bus, session: str, *, agent_audio: bool = True, caller_media: bool = True, timeout_s: float = 30.0
+) -> Recording:
     """Every recorded message of ``session``, merged across its subjects in stream order."""
-    subjects = [sj.conversation(session), sj.AUDIO_IN.subject(session), sj.MEDIA_IN.subject(session)]
+    subjects = [sj.conversation(session), sj.AUDIO_IN.subject(session)]
+    if caller_media:
+        subjects.append(sj.MEDIA_IN.subject(session))
     if agent_audio:
         subjects.append(sj.AUDIO_OUT.subject(session))
     messages: list[RecordedMessage] = []
@@ -87,7 +97,9 @@ def main(args: argparse.Namespace) -> int:
     async def run() -> int:
         bus = await Bus.connect(load(RuntimeConfig), "edge", f"record-{os.getpid()}", setup=False)
         try:
-            recording = await export(bus, args.session, agent_audio=not args.no_agent_audio)
+            recording = await export(
+                bus, args.session, agent_audio=not args.no_agent_audio, caller_media=not args.no_caller_media
+            )
         finally:
             await bus.close()
         if not recording.messages:
@@ -99,7 +111,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def write(recording: Recording, path: Path) -> int:
-    """Save a recording; 0."""
-    path.write_bytes(codec.encode(recording))
+    """Save a recording (gzip-compressed msgpack: sessions are mostly silence); 0."""
+    path.write_bytes(gzip.compress(codec.encode(recording)))
     print(f"wrote {len(recording.messages)} messages of {recording.session} to {path}")
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import os
 import re
 import sys
@@ -51,6 +52,8 @@ class Comparison:
     recorded: list[TurnOutcome]
     replayed: list[TurnOutcome]
     differences: list[str] = field(default_factory=list)
+    #: the new session the replay ran as (its events stay recorded: `voicebus record export` it)
+    session: str = ""
 
     @property
     def same(self) -> bool:
@@ -59,8 +62,11 @@ class Comparison:
 
 
 def load(path: str | Path) -> Recording:
-    """Read a recording file (ContractError if it is not one)."""
-    return codec.decode_record(Recording, Path(path).read_bytes())
+    """Read a recording file, gzip-compressed or not (ContractError if it is not one)."""
+    data = Path(path).read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    return codec.decode_record(Recording, data)
 
 
 def events_of(recording: Recording) -> list[ev.Event]:
@@ -143,12 +149,14 @@ async def replay(bus: Bus, recording: Recording, *, speed: float = 1.0, settle_s
         await caller.play(frames)
         await caller.settle(turns=len(recorded), timeout_s=settle_s)
         replayed = outcomes(caller.events)
-    return compare(recorded, replayed)
+    result = compare(recorded, replayed)
+    result.session = spec.session
+    return result
 
 
 def report(result: Comparison) -> str:
     """The comparison as text: each turn side by side, then the differences."""
-    lines = []
+    lines = [f"session {result.session}"] if result.session else []
     for t in result.replayed:
         lines.append(f"turn {t.turn} [{t.start_ms}-{t.end_ms} ms] caller: {t.said}")
         lines.append(f"        agent: {t.replied}")
