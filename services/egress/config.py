@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from services.livekit.config import LiveKitConfig
 from services.runtime.config import ConfigError, setting, settings_class
 
 
@@ -33,6 +34,9 @@ class EgressConfig:
         100.0,
         "How long a reply's first frame waits for PlayoutStarted to be stored before it plays anyway.",
     )
+
+    #: Settings of the LiveKit sink (their own LIVEKIT_* / VB_LIVEKIT_* table), loaded in ``main``.
+    livekit: LiveKitConfig = field(default_factory=LiveKitConfig)
 
     def __post_init__(self) -> None:
         if self.max_late_ms <= 0 or self.stall_s <= 0 or self.checkpoint_s <= 0 or self.report_wait_ms < 0:

@@ -60,13 +60,10 @@ CALLER_CATCH_UP_S = 2.0
 class EgressWorker(SessionWorker[EgressState]):
     """Playout of one session."""
 
-    def __init__(
-        self, ctx: SessionContext[EgressState], cfg: EgressConfig, livekit: LiveKitConfig | None = None
-    ) -> None:
+    def __init__(self, ctx: SessionContext[EgressState], cfg: EgressConfig) -> None:
         super().__init__(ctx)
         spec = ctx.spec
         self.cfg = cfg
-        self.livekit = livekit or LiveKitConfig()
         self.media = (sj.AUDIO_OUT, sj.AUDIO_IN) if spec.recording_path else (sj.AUDIO_OUT,)
         self.time = SessionTime(spec.opened_ts, spec.speed)
         self.clock = MonotonicClock()
@@ -106,7 +103,7 @@ class EgressWorker(SessionWorker[EgressState]):
                 self.recording.resume_after(state.caller_seq)
         resume = ctx.how != "queue"
         try:
-            self.sink = make_sink(ctx, self.livekit)
+            self.sink = make_sink(ctx, self.cfg)
             await self.sink.open(resume)
         except (UnsupportedSink, OSError) as e:
             self.sink = BusSink(ctx)
@@ -128,15 +125,14 @@ class EgressWorker(SessionWorker[EgressState]):
     async def close(self, handover: bool) -> None:
         """On handover: stop pacing, write what played, checkpoint, publish what is pending.
 
-        Nothing to write when the session ended (done at SessionEnded) or was lost to another replica
-        (the new owner carries on; writing now would clobber its files and state). The sink is let go
-        in every case (the agent leaves its room).
+        Nothing to do when the session ended (done at SessionEnded) or was lost to another replica
+        (the new owner carries on; writing now would clobber its files and state).
         """
-        if handover and not self._ended:
-            await self._stop_pacing()
-            await self._persist(final=True)
-            await self.reports.drain()
-        await self.sink.close()
+        if self._ended or not handover:
+            return
+        await self._stop_pacing()
+        await self._persist(final=True)
+        await self.reports.drain()
 
     async def _stop_pacing(self) -> None:
         for task in self._pacing:
@@ -381,5 +377,5 @@ class EgressWorker(SessionWorker[EgressState]):
 
 def main() -> int:
     """Run one egress replica."""
-    cfg, livekit = load(EgressConfig), load(LiveKitConfig)
-    return service.run("egress", lambda ctx: EgressWorker(ctx, cfg, livekit), state_type=EgressState)
+    cfg = load(EgressConfig, livekit=load(LiveKitConfig))
+    return service.run("egress", lambda ctx: EgressWorker(ctx, cfg), state_type=EgressState)

@@ -11,20 +11,14 @@ state) follow its events in ``on_event``.
 from __future__ import annotations
 
 import abc
-import logging
 from pathlib import Path
 from typing import Any
 
 from proto import events as ev
 from proto import subjects as sj
+from services.egress.config import EgressConfig
 from services.egress.recording import WavTrack
-from services.livekit.agent import AgentParticipant
-from services.livekit.config import LiveKitConfig
-from services.livekit.link import RoomUnreachable
-from services.livekit.room import BadRoomUri, RoomTarget
 from services.runtime.service import SessionContext
-
-logger = logging.getLogger("voicebus.egress")
 
 
 class UnsupportedSink(ValueError):
@@ -49,9 +43,6 @@ class Sink(abc.ABC):
 
     def on_event(self, event: ev.Event) -> None:
         """A conversation event of the session (transcripts, turns, playout), in stream order."""
-
-    async def close(self) -> None:
-        """Let go of the edge: the call is over, or another replica serves the session now."""
 
 
 class BusSink(Sink):
@@ -80,45 +71,7 @@ class FileSink(Sink):
         await self.track.persist(final)
 
 
-class LiveKitSink(Sink):
-    """The agent in the session's LiveKit room: its voice, captions of both sides, its state."""
-
-    def __init__(self, ctx: SessionContext[Any], cfg: LiveKitConfig, target: RoomTarget) -> None:
-        self.ctx, self.cfg = ctx, cfg
-        self.agent = AgentParticipant(cfg, ctx.session, target, ctx.spec.output_rate)
-
-    async def open(self, resume: bool) -> None:
-        """Join the room (a successor takes its predecessor's place); wait a little to be heard, not long.
-
-        The first reply (a greeting) plays as soon as the session starts: it would be lost on a caller
-        who does not receive the agent's track yet.
-        """
-        self.ctx.spawn(self._run(), "livekit")
-        if not await self.agent.ready(self.cfg.join_timeout_s):
-            logger.warning(
-                "the agent is not heard in room %s yet; the session starts anyway", self.agent.target.room
-            )
-
-    async def _run(self) -> None:
-        try:
-            await self.agent.run()
-        except RoomUnreachable as e:
-            await self.ctx.report("provider", f"the agent cannot be in its LiveKit room: {e}", retryable=True)
-
-    async def play(self, frame: ev.AgentAudioFrame, at_s: float) -> None:
-        await self.agent.play(frame)
-
-    async def flush(self) -> None:
-        self.agent.flush()
-
-    def on_event(self, event: ev.Event) -> None:
-        self.agent.on_event(event)
-
-    async def close(self) -> None:
-        await self.agent.close()
-
-
-def make_sink(ctx: SessionContext[Any], livekit: LiveKitConfig) -> Sink:
+def make_sink(ctx: SessionContext[Any], cfg: EgressConfig) -> Sink:
     """The sink the session's spec names."""
     spec = ctx.spec
     match spec.sink:
@@ -128,11 +81,8 @@ def make_sink(ctx: SessionContext[Any], livekit: LiveKitConfig) -> Sink:
             return FileSink(Path(spec.sink_uri), spec.output_rate)
         case "file":
             raise UnsupportedSink("the file sink needs the WAV path in sink_uri")
-        case "livekit" if not livekit.configured:
-            raise UnsupportedSink("LiveKit is not configured here (LIVEKIT_URL)")
         case "livekit":
-            try:
-                return LiveKitSink(ctx, livekit, RoomTarget.parse(spec.sink_uri))
-            except BadRoomUri as e:
-                raise UnsupportedSink(str(e)) from None
+            from services.egress.livekit import LiveKitSink  # the rtc SDK only where a session needs it
+
+            return LiveKitSink(ctx, cfg.livekit)
     raise UnsupportedSink(f"sink {spec.sink!r} is not served by this egress yet (bus, file and livekit are)")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from services.livekit.config import LiveKitConfig
 from services.runtime.config import ConfigError, setting, settings_class
 
 RESAMPLE_QUALITIES = ("QQ", "LQ", "MQ", "HQ", "VHQ")
@@ -53,6 +54,9 @@ class IngressConfig:
         1.0,
         "Seconds between checkpoints of a session's stream (also taken at every speech start and stop).",
     )
+
+    #: Settings of the LiveKit source (their own LIVEKIT_* / VB_LIVEKIT_* table), loaded in ``main``.
+    livekit: LiveKitConfig = field(default_factory=LiveKitConfig)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:

@@ -128,4 +128,15 @@ class FileSource(CallerSource):
             await asyncio.wait([self._task])
 
 
-SOURCES: dict[str, type[CallerSource]] = {"bus": BusSource, "file": FileSource}
+def _livekit(ctx: SessionContext[Any], cfg: IngressConfig, deliver: Deliver) -> CallerSource:
+    """The caller's microphone in a LiveKit room (the rtc SDK is loaded only by replicas that serve one)."""
+    from services.ingress.livekit import LiveKitSource
+
+    return LiveKitSource(ctx, cfg, deliver)
+
+
+SOURCES: dict[str, Callable[[SessionContext[Any], IngressConfig, Deliver], CallerSource]] = {
+    "bus": BusSource,
+    "file": FileSource,
+    "livekit": _livekit,
+}

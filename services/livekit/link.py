@@ -45,6 +45,8 @@ FINAL = frozenset(
 #: Of those, the ones that mean the call is over.
 ROOM_ENDED = frozenset({DisconnectReason.ROOM_DELETED, DisconnectReason.ROOM_CLOSED})
 BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 4.0)
+#: How long leaving a room may take (the SDK waits for its event stream to close).
+LEAVE_TIMEOUT_S = 5.0
 
 
 class RoomUnreachable(ConnectionError):
@@ -80,6 +82,7 @@ class RoomLink:
         self.room: rtc.Room | None = None
         self.connected = asyncio.Event()
         self._closing = asyncio.Event()
+        self._gone: asyncio.Future[int] | None = None
         #: Seconds the first successful join took, for the session's logs and the tests.
         self.first_join_s: float | None = None
 
@@ -90,6 +93,7 @@ class RoomLink:
         while not self._closing.is_set():
             room = rtc.Room()
             gone: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            self._gone = gone
             self._watch(room, gone)
             self._setup(room)
             started = time.monotonic()
@@ -121,6 +125,7 @@ class RoomLink:
             try:
                 if self._closing.is_set():  # closed while joining
                     await self._leave(room)
+                    self._left()
                 reason = await gone
             finally:
                 self.connected.clear()
@@ -140,6 +145,12 @@ class RoomLink:
         self._closing.set()
         if self.room is not None:
             await self._leave(self.room)
+            self._left()
+
+    def _left(self) -> None:
+        """We left: ``run`` stops waiting for the room's end even if the SDK said nothing of it."""
+        if self._gone is not None and not self._gone.done():
+            self._gone.set_result(DisconnectReason.CLIENT_INITIATED)
 
     def _watch(self, room: rtc.Room, gone: asyncio.Future[int]) -> None:
         def disconnected(reason: int) -> None:
@@ -159,7 +170,12 @@ class RoomLink:
 
     async def _leave(self, room: rtc.Room) -> None:
         if room.isconnected():
-            await room.disconnect()
+            try:
+                await asyncio.wait_for(room.disconnect(), LEAVE_TIMEOUT_S)
+            except TimeoutError:
+                logger.warning(
+                    "leaving room %s as %s did not finish; going anyway", self.room_name, self.role
+                )
 
 
 def _message(e: Exception) -> str:

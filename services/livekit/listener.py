@@ -94,7 +94,7 @@ class CallerListener:
                 if timer is not None:
                     timer.cancel()
             ended.cancel()
-            await self.link.close()
+            link.cancel()  # it leaves the room on its way out
             await asyncio.gather(link, ended, return_exceptions=True)
             await self._stop_reading()
 

@@ -57,7 +57,9 @@ class CallerTrack(MediaStreamTrack):
 
     Every subscriber gets its own track on the same clock, so sample ``n`` leaves every one of them at
     ``t0 + n / RATE``: a WAV (then silence), or a tone at ``hz``, continuous or in bursts of
-    ``burst_ms`` every ``period_ms`` (burst ``k`` starts at ``t0 + k * period_ms``).
+    ``burst_ms`` every ``period_ms`` (burst ``k`` starts at ``t0 + k * period_ms``). Like a live
+    microphone, it never sends audio late: what fell due while the connection was being set up is
+    skipped, not sent in a burst.
     """
 
     kind = "audio"
@@ -67,7 +69,7 @@ class CallerTrack(MediaStreamTrack):
         self.t0, self.hz = t0, hz
         self.samples = read_wav(wav) if wav else None
         self.burst, self.period = burst_ms * RATE // 1000, period_ms * RATE // 1000
-        self.sent = int((time.time() - t0) * RATE) // FRAME * FRAME  # a late subscriber joins the clock
+        self.sent = 0
 
     def _chunk(self) -> npt.NDArray[np.int16]:
         n = self.sent + np.arange(FRAME)
@@ -82,6 +84,9 @@ class CallerTrack(MediaStreamTrack):
     async def recv(self) -> AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
+        behind = time.time() - (self.t0 + self.sent / RATE)
+        if behind > FRAME / RATE:  # a live microphone does not wait for the connection: that audio is gone
+            self.sent += int(behind * RATE) // FRAME * FRAME
         await asyncio.sleep(max(0.0, self.t0 + self.sent / RATE - time.time()))
         frame = AudioFrame.from_ndarray(self._chunk().reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate, frame.pts, frame.time_base = RATE, self.sent, fractions.Fraction(1, RATE)
