@@ -78,6 +78,19 @@ def reply_frames(session: str, turn: int) -> list[ev.AgentAudioFrame]:
     return out
 
 
+async def speak_reply(bus: Bus, session: str) -> list[float]:
+    """The reply, published in real time as a streaming TTS would; returns when each burst went out."""
+    starts = []
+    t0 = time.monotonic()
+    for i, frame in enumerate(reply_frames(session, 1)):
+        await asyncio.sleep(max(0.0, t0 + i * FRAME_MS / 1000 - time.monotonic()))
+        if i % PERIOD == 0:
+            starts.append(time.time())
+        await bus.publish(sj.AUDIO_OUT, frame)
+    await bus.publish(sj.AUDIO_OUT, ev.AgentAudioEnd(session=session, turn=1, frames=FRAMES))
+    return starts
+
+
 async def test_the_egress_speaks_into_the_room_as_the_agent(
     stack: Stack, bus: Bus, session_id: str, server: FakeLiveKit
 ) -> None:
@@ -105,15 +118,7 @@ async def test_the_egress_speaks_into_the_room_as_the_agent(
                 endpointing_ms=0,
             ),
         )
-        # the reply, published in real time as a streaming TTS would
-        starts = []
-        t0 = time.monotonic()
-        for i, frame in enumerate(reply_frames(session_id, 1)):
-            await asyncio.sleep(max(0.0, t0 + i * FRAME_MS / 1000 - time.monotonic()))
-            if i % PERIOD == 0:
-                starts.append(time.time())
-            await bus.publish(sj.AUDIO_OUT, frame)
-        await bus.publish(sj.AUDIO_OUT, ev.AgentAudioEnd(session=session_id, turn=1, frames=FRAMES))
+        starts = await speak_reply(bus, session_id)
         (stopped,) = await tap.wait(ev.PlayoutStopped, timeout=20)
         await room.wait(lambda: sum(t.closed for t in room.texts) == 2 and len(room.attribute_log) >= 4)
         await end_session(bus, session_id)
@@ -182,14 +187,7 @@ async def test_a_call_in_a_room_goes_through_ingress_and_egress(
         started = (await tap.wait(ev.SpeechStarted, timeout=30))[0]
         await tap.wait(ev.SpeechStopped, timeout=30)
         # the agent answers: its frames come back to the room
-        starts = []
-        t0 = time.monotonic()
-        for i, frame in enumerate(reply_frames(session_id, 1)):
-            await asyncio.sleep(max(0.0, t0 + i * FRAME_MS / 1000 - time.monotonic()))
-            if i % PERIOD == 0:
-                starts.append(time.time())
-            await bus.publish(sj.AUDIO_OUT, frame)
-        await bus.publish(sj.AUDIO_OUT, ev.AgentAudioEnd(session=session_id, turn=1, frames=FRAMES))
+        starts = await speak_reply(bus, session_id)
         await tap.wait(ev.PlayoutStopped, timeout=20)
         await room.wait(lambda: agent in room.heard and len(room.heard[agent].loud_frames()) >= 36)
         # the caller hangs up: the ingress ends the call, both of the bridge's participants leave
