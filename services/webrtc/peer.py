@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 import aioice.ice
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.jitterbuffer import JitterBuffer
+from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcrtpreceiver import RTCRtpReceiver
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -175,6 +176,8 @@ class PeerLeg:
         assert self._receive is not None
         try:
             await self._receive(track)
+        except MediaStreamError:
+            pass  # the peer hung up
         except asyncio.CancelledError:
             raise
         except Exception:

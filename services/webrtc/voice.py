@@ -4,7 +4,9 @@ The egress playout hands each frame over when it is due (``AgentVoice.push``); t
 sender pulls the track every 20 ms on its own clock (``AgentTrack.recv``), sending silence when no
 frame is waiting. So the queue between them holds at most a frame or so, and ``flush`` (a cut reply)
 takes effect at the next packet. Frames go out at 48 kHz: that is what the Opus encoder takes, and at
-any other rate its resampler holds back a whole frame.
+any other rate its resampler holds back a whole frame. Other rates are converted here with
+libswresample, which returns every chunk's worth at once (soxr's better filters deliver in bursts of
+two or three frames, which would leave ticks empty).
 """
 
 from __future__ import annotations
@@ -15,10 +17,9 @@ import time
 
 import numpy as np
 import numpy.typing as npt
-import soxr
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
-from av import AudioFrame
+from av import AudioFrame, AudioResampler
 from prometheus_client import Counter
 
 from proto.events import FRAME_MS
@@ -47,8 +48,8 @@ class AgentVoice:
         self.rate = rate
         self._max = max_frames * OUT_SAMPLES
         self._fifo: Samples = np.zeros(0, PCM)
-        self._resampler: soxr.ResampleStream | None = None
-        self._primed = False
+        self._resampler: AudioResampler | None = None
+        self._pushed = 0  # samples fed to the resampler, for its timestamps
 
     @property
     def queued_ms(self) -> float:
@@ -59,19 +60,28 @@ class AgentVoice:
         """Queue one played frame (mono s16le at ``rate``); beyond the bound, the oldest audio goes."""
         samples: Samples = np.frombuffer(pcm, PCM)
         if self.rate != OUT_RATE:
-            if self._resampler is None:
-                self._resampler = soxr.ResampleStream(self.rate, OUT_RATE, 1, dtype="int16", quality="LQ")
-            samples = self._resampler.resample_chunk(samples)
-            if not self._primed:
-                # the resampler holds a few ms back: start with silence so each tick finds a whole frame
-                lead = max(0, OUT_SAMPLES + MARGIN - len(self._fifo) - len(samples))
-                samples = np.concatenate((np.zeros(lead, PCM), samples))
-                self._primed = True
+            samples = self._resample(samples)
         fifo = np.concatenate((self._fifo, samples))
         if (excess := len(fifo) - self._max) > 0:
             dropped_frames.inc(-(-excess // OUT_SAMPLES))
             fifo = fifo[excess:]
         self._fifo = fifo
+
+    def _resample(self, samples: Samples) -> Samples:
+        primed = self._resampler is not None
+        if self._resampler is None:
+            self._resampler = AudioResampler(format="s16", layout="mono", rate=OUT_RATE)
+        frame = AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate, frame.pts = self.rate, self._pushed
+        frame.time_base = fractions.Fraction(1, self.rate)
+        self._pushed += len(samples)
+        chunks = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
+        out: Samples = np.concatenate(chunks) if chunks else np.zeros(0, PCM)
+        if not primed:
+            # the filter holds a few samples back: lead with silence so that each tick finds a whole frame
+            lead = max(0, OUT_SAMPLES + MARGIN - len(self._fifo) - len(out))
+            out = np.concatenate((np.zeros(lead, PCM), out))
+        return out
 
     def pop(self) -> bytes | None:
         """The next 20 ms to send, or None if no whole frame is waiting."""
@@ -84,7 +94,7 @@ class AgentVoice:
         """Drop everything queued, the resampler's held-back samples included."""
         self._fifo = np.zeros(0, PCM)
         self._resampler = None
-        self._primed = False
+        self._pushed = 0
 
 
 class AgentTrack(MediaStreamTrack):
