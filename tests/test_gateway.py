@@ -29,6 +29,7 @@ from services.gateway.auth import session_token
 from services.gateway.config import GatewayConfig
 from services.runtime.bus import Bus
 from services.runtime.config import load
+from services.tools.stack import Stack, free_port
 from services.webrtc.peer import PeerLeg
 from services.webrtc.voice import AgentTrack, AgentVoice
 from tests.support.tap import Tap
@@ -296,3 +297,25 @@ async def test_whip_and_whep_reach_the_owners_legs(
     finally:
         await mic.close()
         await speaker.close()
+
+
+async def test_the_gateway_process_serves_the_page_and_the_api(
+    stack: Stack, http: aiohttp.ClientSession, session_id: str, bus: Bus
+) -> None:
+    port = free_port()
+    gateway = stack.spawn("gateway", env={"VB_GATEWAY_PORT": str(port), "VB_GATEWAY_OPEN_TIMEOUT": "0.5"})
+    await stack.wait_ready_async([gateway])
+    url = f"http://127.0.0.1:{port}"
+    async with http.get(url + "/") as r:
+        assert r.status == 200
+        page = await r.text()
+        assert 'id="talk"' in page
+        assert "/static/app.js" in page
+    for asset in ("/static/app.js", "/static/style.css"):
+        async with http.get(url + asset) as r:
+            assert r.status == 200
+    await register(bus, session_id)
+    async with http.post(f"{url}/whip/{session_id}", data="hello", headers=SDP) as r:
+        assert r.status == 400
+    async with http.post(url + "/sessions") as r:
+        assert r.status == 503

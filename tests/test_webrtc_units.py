@@ -76,9 +76,10 @@ async def test_the_track_sends_48k_frames_on_one_clock_with_silence_between() ->
     third = await track.recv()
     assert [f.pts for f in (first, second, third)] == [0, OUT_SAMPLES, 2 * OUT_SAMPLES]
     assert {(f.sample_rate, f.samples, f.layout.name) for f in (first, second, third)} == {
-        (OUT_RATE, 960, "mono")
+        (OUT_RATE, 960, "stereo")
     }
-    assert [rms(f.to_ndarray()[0]) > 0.1 for f in (first, second, third)] == [False, True, False]
+    left = [f.to_ndarray().reshape(-1, 2)[:, 0] for f in (first, second, third)]
+    assert [rms(pcm) for pcm in left] == [0.0, pytest.approx(rms(tone(0.02))), 0.0]  # at full level
     track.stop()
 
 

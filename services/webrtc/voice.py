@@ -3,8 +3,9 @@
 The egress playout hands each frame over when it is due (``AgentVoice.push``); the peer connection's
 sender pulls the track every 20 ms on its own clock (``AgentTrack.recv``), sending silence when no
 frame is waiting. So the queue between them holds at most a frame or so, and ``flush`` (a cut reply)
-takes effect at the next packet. Frames go out at 48 kHz: that is what the Opus encoder takes, and at
-any other rate its resampler holds back a whole frame. Other rates are converted here with
+takes effect at the next packet. Frames go out at 48 kHz and in stereo, as the Opus encoder takes
+them: at another rate its resampler would hold back a whole frame, and a mono frame would be upmixed
+3 dB quieter. Other rates are converted here with
 libswresample, which returns every chunk's worth at once (soxr's better filters deliver in bursts of
 two or three frames, which would leave ticks empty).
 """
@@ -123,8 +124,8 @@ class AgentTrack(MediaStreamTrack):
                 self._start = now - self._sent * PTIME_S
             elif due > now:
                 await asyncio.sleep(due - now)
-        pcm = self.voice.pop() or self._silence
-        frame = AudioFrame.from_ndarray(np.frombuffer(pcm, PCM).reshape(1, -1), format="s16", layout="mono")
+        mono = np.frombuffer(self.voice.pop() or self._silence, PCM)
+        frame = AudioFrame.from_ndarray(np.repeat(mono, 2).reshape(1, -1), format="s16", layout="stereo")
         frame.sample_rate = OUT_RATE
         frame.pts = self._sent * OUT_SAMPLES
         frame.time_base = fractions.Fraction(1, OUT_RATE)

@@ -28,7 +28,7 @@ const page = {
   legs: {}, // "mic" | "speaker" -> {pc, attempts, timing: ms to gather, to answer, to connect, total}
   audio: null,
   analysers: {},
-  levels: { you: { peak: 0, loudMs: 0 }, agent: { peak: 0, loudMs: 0, history: [] } },
+  levels: { you: { peak: 0, loudMs: 0, history: [] }, agent: { peak: 0, loudMs: 0, history: [] } },
   turns: new Map(),
   errors: [],
 };
@@ -209,10 +209,8 @@ setInterval(() => {
     const level = page.levels[who];
     level.peak = Math.max(level.peak, rms);
     if (rms > LOUD_RMS) level.loudMs += 20;
-    if (level.history) {
-      level.history.push([Date.now(), rms]);
-      if (level.history.length > 3000) level.history.shift();
-    }
+    level.history.push([Date.now(), rms]); // the last minute, for whoever wants to look
+    if (level.history.length > 3000) level.history.shift();
     $(`meter-${who}`).style.width = `${Math.min(100, Math.sqrt(rms) * 200)}%`;
   }
 }, 20);
