@@ -94,7 +94,6 @@ async def watchdog(
                 return
             except TimeoutError:
                 what = "no first byte" if limit == first_s else "stream stalled"
-                provider_failures.labels(provider, "timeout").inc()
                 raise ProviderTimeout(provider, f"{what} within {limit:.1f}s") from None
             limit = stall_s
             yield item
@@ -144,6 +143,14 @@ class CircuitBreaker:
         """The call worked: close the breaker."""
         self.failures, self._opened_at, self._trial = 0, None, False
         breaker_open.labels(self.provider).set(0)
+
+    def release(self) -> None:
+        """The call was abandoned (e.g. a barge-in) before it showed success or failure.
+
+        Frees a half-open trial so that the next call can be the trial; without it the breaker would
+        stay open for good.
+        """
+        self._trial = False
 
     def failure(self, error: BaseException | None = None) -> None:
         """The call failed: count it; open (again) at the threshold or when a trial fails."""

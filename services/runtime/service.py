@@ -44,6 +44,8 @@ class SessionContext(Generic[S]):
         self.stage: ev.Stage = bus.stage  # type: ignore[assignment]
         self.restored = restored
         #: Stream sequence of the last event handed to the worker, per feed ("events" or a media channel).
+        #: A worker may lower a feed's cursor in ``start`` to read again what its predecessor had taken
+        #: in but not finished with (egress: frames queued for playout).
         self.cursors: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 

@@ -1,0 +1,39 @@
+"""Settings of the egress stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.runtime.config import ConfigError, setting, settings_class
+
+
+@settings_class
+@dataclass(frozen=True, kw_only=True)
+class EgressConfig:
+    """Playout pacing, its watchdog, and how often playout is made durable."""
+
+    max_late_ms: float = setting(
+        "VB_EGRESS_MAX_LATE_MS",
+        60.0,
+        "A frame this late (ms of session time; the loop stalled) restarts the playout schedule at now "
+        "instead of bursting to catch up.",
+    )
+    stall_s: float = setting(
+        "VB_EGRESS_STALL_S",
+        5.0,
+        "Seconds a reply may go without frames before it is given up (PlayoutStopped, not completed).",
+    )
+    checkpoint_s: float = setting(
+        "VB_EGRESS_CHECKPOINT_S",
+        0.5,
+        "Seconds between checkpoints of the playout position and writes of the WAV sink and recording.",
+    )
+    report_wait_ms: float = setting(
+        "VB_EGRESS_REPORT_WAIT_MS",
+        100.0,
+        "How long a reply's first frame waits for PlayoutStarted to be stored before it plays anyway.",
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_late_ms <= 0 or self.stall_s <= 0 or self.checkpoint_s <= 0 or self.report_wait_ms < 0:
+            raise ConfigError("VB_EGRESS_* durations must be positive")

@@ -1,0 +1,1 @@
+"""Local servers speaking the cloud providers' wire protocols, with fault injection and recording."""
