@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import fractions
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -20,11 +20,21 @@ from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSes
 from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
 
-from services.webrtc.peer import use_host_addresses
+from services.tools.stack import Stack, StageProcess
+from services.webrtc.peer import shorten_jitter_buffer, use_host_addresses
 
 RATE = 48_000
 SAMPLES = 960
 LOOPBACK = ("127.0.0.1",)
+#: What a replica needs to be reachable from the test peer over loopback.
+LOOPBACK_ENV = {"VB_WEBRTC_HOST_ADDRESSES": ",".join(LOOPBACK)}
+
+
+async def start_replica(stack: Stack, stage: str, **env: str) -> StageProcess:
+    """One replica of ``stage`` that offers loopback ICE candidates, ready."""
+    process = stack.spawn(stage, env={**LOOPBACK_ENV, **env})
+    await stack.wait_ready_async([process])
+    return process
 
 
 def tone(seconds: float, rate: int = RATE, hz: float = 440.0, level: float = 0.3) -> npt.NDArray[np.int16]:
@@ -84,12 +94,19 @@ class Heard:
         return [t for t, pcm in self.frames if rms(pcm) > threshold]
 
     async def wait_loud(self, count: int, timeout: float = 20.0) -> list[float]:
-        """Wait for ``count`` loud frames."""
+        """Wait for ``count`` loud frames; returns their arrival times."""
+        await self._until(lambda: len(self.loud()) >= count, timeout)
+        return self.loud()
+
+    async def wait_frames(self, count: int, timeout: float = 20.0) -> None:
+        """Wait until ``count`` frames, loud or not, have arrived."""
+        await self._until(lambda: len(self.frames) >= count, timeout)
+
+    async def _until(self, done: Callable[[], bool], timeout: float) -> None:
         async with asyncio.timeout(timeout):
-            while len(self.loud()) < count:
+            while not done():
                 self.changed.clear()
                 await self.changed.wait()
-        return self.loud()
 
 
 async def _negotiate(pc: RTCPeerConnection, http: aiohttp.ClientSession, url: str, token: str) -> str:
@@ -137,7 +154,8 @@ async def play(
     """WHEP: receive from ``url`` for the life of the context; frames collect in the ``Heard``."""
     use_host_addresses(LOOPBACK)
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    pc.addTransceiver("audio", direction="recvonly")
+    # decode on arrival (aiortc would hold 4 packets): what is measured is the server's part
+    shorten_jitter_buffer(pc.addTransceiver("audio", direction="recvonly").receiver, 0)
     heard = Heard()
     tracks: list[MediaStreamTrack] = []
     pc.on("track", tracks.append)
