@@ -5,6 +5,8 @@ An aiortc peer in the test stands in for the browser. Latencies are printed, not
 
 from __future__ import annotations
 
+import signal
+
 import aiohttp
 import numpy as np
 import pytest
@@ -95,3 +97,24 @@ async def test_an_interrupt_silences_the_browser_at_once(stack: Stack, bus: Bus,
     assert len(heard.loud()) < len(reply) / 2  # the rest of the reply was dropped, not played
     # silence from the stop on, but for what was already on its way
     assert all(rms(pcm) < 0.001 for _, pcm in heard.frames[received_then + IN_FLIGHT :])
+
+
+@pytest.mark.slow
+async def test_after_the_owner_dies_a_new_offer_reaches_its_successor(
+    stack: Stack, bus: Bus, session_id: str
+) -> None:
+    """The page re-offers when its connection fails; the gateway takes the offer to the new owner."""
+    first, second = [await start_replica(stack, "egress") for _ in range(2)]
+    spec = ev.SessionSpec(session=session_id, sink="webrtc", output_rate=48_000)
+    async with aiohttp.ClientSession() as http, serving(bus, signal_timeout_s=10) as url:
+        owners = await open_session(bus, spec, stages=("egress",))
+        (owner,) = [p for p in (first, second) if p.replica == owners["egress"].replica]
+        async with play(http, f"{url}/whep/{session_id}") as (pc, _):
+            await wait_connected(pc)
+            stack.kill(owner, signal.SIGKILL)
+        async with play(http, f"{url}/whep/{session_id}") as (pc, heard):
+            await wait_connected(pc)
+            for frame in agent_reply(session_id, 1.0, 48_000):
+                await bus.publish(sj.AUDIO_OUT, frame)
+            await heard.wait_loud(40)  # the successor's voice
+    assert not owner.alive
