@@ -111,6 +111,7 @@ class PeerLeg:
         self._pc: RTCPeerConnection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._sub: Subscription | None = None
+        self._closed = False
 
     async def start(self) -> None:
         """Answer offers from now on (the subscription is in place when this returns)."""
@@ -120,6 +121,7 @@ class PeerLeg:
 
     async def close(self) -> None:
         """Stop answering and hang up the current peer connection."""
+        self._closed = True
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
@@ -160,6 +162,8 @@ class PeerLeg:
             if self._send is not None:
                 pc.addTrack(self._send())
             await pc.setLocalDescription(await pc.createAnswer())
+            if self._closed:  # the session ended while this offer was being answered
+                raise OfferRefused("the session has ended")
         except BaseException:
             await pc.close()
             raise
