@@ -6,6 +6,8 @@ Each stage's record subclasses ``StageState``; it is stored (msgpack) inside the
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
 
@@ -42,3 +44,78 @@ class EgressState(StageState, kw_only=True):
     current: ReplyPosition | None = None
     audio_out_seq: int = 0
     caller_seq: int = 0
+
+
+class DialogueMessage(msgspec.Struct, kw_only=True):
+    """One message of the conversation: what the caller said, or what the caller heard of a reply."""
+
+    role: Literal["user", "assistant"]
+    turn: int
+    text: str
+    #: The reply was cut off: ``text`` is the part the caller heard.
+    interrupted: bool = False
+    #: Generation of the reply the caller heard (a regenerated reply replaces an earlier one).
+    generation: int = 0
+
+
+class SentReply(msgspec.Struct, kw_only=True):
+    """A reply sent to TTS whose playout has not been reported yet (its text enters the history then)."""
+
+    turn: int
+    generation: int
+    text: str
+    #: Generated to the end (else cancelled part-way; only the heard text can enter the history).
+    complete: bool
+
+
+class DialogueState(StageState, kw_only=True):
+    """The conversation and where its replies stand.
+
+    ``last_turn`` is the latest turn a reply was asked for (0: the greeting) and ``generation`` the
+    generation of that reply; ``answered_turn`` the latest turn whose reply needs no more generating
+    (it went out to the end, or a Cancel or Interrupt stopped it). A successor that finds
+    ``last_turn > answered_turn`` regenerates that reply with the next generation.
+    """
+
+    history: list[DialogueMessage] = []
+    last_turn: int = -1
+    generation: int = 0
+    answered_turn: int = -1
+    unplayed: list[SentReply] = []
+
+
+class SttState(StageState, kw_only=True):
+    """What stt keeps between turns; checkpointed when a turn ends, while no turn is open.
+
+    A successor resumes reading audio right after that point, so it re-transcribes a turn that was in
+    progress from the audio on the bus, under the same turn id.
+    """
+
+    #: Id of the last turn that ended (a noise turn included): the next turn is ``last_turn + 1``.
+    last_turn: int = 0
+    #: Index of the last audio frame handled: frames re-published by a successor ingress are skipped.
+    last_frame: int = -1
+    #: The last VAD segment handled: its re-published SpeechStarted/SpeechStopped are skipped.
+    last_segment: int = -1
+
+
+class TtsReply(msgspec.Struct, kw_only=True):
+    """A reply tts had not finished speaking: the chunks received so far, by index."""
+
+    turn: int
+    generation: int
+    chunks: dict[int, str] = {}
+    #: Index of the chunk marked ``last``, once it has arrived.
+    last: int | None = None
+
+
+class TtsState(StageState, kw_only=True):
+    """What a tts successor needs: replies to speak again from their first frame, and what is closed.
+
+    A successor re-synthesises every reply in ``replies`` with the same frame indices (egress drops the
+    frames it already has). ``closed`` maps a turn to its highest generation that is finished,
+    cancelled or superseded, so late or repeated chunks of those generations are dropped.
+    """
+
+    replies: list[TtsReply] = []
+    closed: dict[int, int] = {}

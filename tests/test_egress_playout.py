@@ -322,3 +322,18 @@ async def test_a_frame_that_cannot_be_handed_out_does_not_stop_the_pacing() -> N
     await run_paced(playout, clock)
     assert played == [0, 1, 3, 4] and playout.failures == 1
     assert len(stopped) == 1 and stopped[0].completed
+
+
+def test_words_spread_over_several_frames_of_a_chunk_all_count_once() -> None:
+    # an aligned engine (ElevenLabs) sends a chunk's words with the frames that carry them, and a
+    # chunk re-spoken after a fallback repeats some of them
+    tl = timeline()
+    tl.push(frame(0, words=WORDS[:2]), 0.0)
+    tl.push(frame(1, words=WORDS[2:4]), 0.0)
+    tl.push(frame(2, words=WORDS[3:]), 0.0)
+    for i in range(3, 25):
+        tl.push(frame(i), 0.0)
+    tl.end(end(25), 0.0)
+    _, stops = drive(tl)
+    (stop,) = stops
+    assert stop.reply.heard_text(True) == "a b c d e"

