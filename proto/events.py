@@ -107,6 +107,9 @@ class CallerAudio(Event, kw_only=True, frozen=True):
     pcm: Pcm
     sample_rate: SampleRate
     channels: Annotated[int, Meta(ge=1, le=2)] = 1
+    #: The edge's last chunk of the stream: the ingress flushes what it holds back (resampler delay,
+    #: the last partial frame padded with silence).
+    last: bool = False
 
     def __post_init__(self) -> None:
         if len(self.pcm) % (2 * self.channels):

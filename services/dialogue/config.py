@@ -51,10 +51,10 @@ class DialogueConfig:
         "VB_LLM_STALL_TIMEOUT", 3.0, "Seconds of silence in the middle of an LLM stream before giving up."
     )
     first_chunk_min_words: int = setting(
-        "VB_DIALOGUE_FIRST_CHUNK_MIN_WORDS", 3, "Words the first chunk needs before a clause ends it."
+        "VB_DIALOGUE_FIRST_CHUNK_MIN_WORDS", 2, "Words the first chunk needs before a clause ends it."
     )
     first_chunk_max_words: int = setting(
-        "VB_DIALOGUE_FIRST_CHUNK_MAX_WORDS", 6, "Words after which the first chunk goes out anyway."
+        "VB_DIALOGUE_FIRST_CHUNK_MAX_WORDS", 4, "Words after which the first chunk goes out anyway."
     )
     chunk_max_words: int = setting(
         "VB_DIALOGUE_CHUNK_MAX_WORDS", 25, "Words after which a long sentence is split at a clause."

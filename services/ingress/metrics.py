@@ -1,0 +1,17 @@
+"""The ingress's own Prometheus metrics (the runtime's shared ones count messages, sessions, errors)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+FAST_BUCKETS = (5e-5, 1e-4, 2e-4, 5e-4, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+frames_in = Counter("vb_ingress_frames_in_total", "Caller audio frames (20 ms, 16 kHz) taken in", ["source"])
+vad_inference = Histogram(
+    "vb_ingress_vad_inference_seconds", "Silero VAD inference time per 32 ms window", buckets=FAST_BUCKETS
+)
+frame_delay = Histogram(
+    "vb_ingress_frame_delay_seconds",
+    "From caller audio reaching the ingress to its frame being published (VAD included)",
+    buckets=FAST_BUCKETS,
+)
