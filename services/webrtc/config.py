@@ -31,6 +31,14 @@ class WebRtcConfig:
         "20 ms agent frames the outgoing track may hold; beyond it the oldest are dropped (playout is "
         "paced, so it holds one at most in practice). An interrupt empties it at once.",
     )
+    echo_guard_ms: float = setting(
+        "VB_WEBRTC_ECHO_GUARD_MS",
+        400.0,
+        "For this long after the agent starts (or resumes) speaking, the caller's audio counts as "
+        "silence, so that its echo, before the browser's echo canceller has locked on, is not taken for "
+        "a barge-in. Measured at the ingress from PlayoutStarted: it covers the round trip to the "
+        "browser (~150 ms here). 0 turns it off.",
+    )
     hangup_s: float = setting(
         "VB_WEBRTC_HANGUP_S",
         20.0,
@@ -43,5 +51,7 @@ class WebRtcConfig:
             raise ConfigError("VB_WEBRTC_JITTER_PREFETCH must be between 0 and 8 packets")
         if self.out_queue_frames < 1:
             raise ConfigError("VB_WEBRTC_OUT_QUEUE_FRAMES must be at least 1")
+        if self.echo_guard_ms < 0:
+            raise ConfigError("VB_WEBRTC_ECHO_GUARD_MS must be 0 or more")
         if self.hangup_s <= 0:
             raise ConfigError("VB_WEBRTC_HANGUP_S must be positive")
