@@ -21,6 +21,7 @@ const MAX_RECONNECTS = 5;
 
 const page = {
   state: "idle",
+  states: [], // [time, state]: what the page showed, in order
   session: null, // the POST /sessions answer
   token: "",
   events: null,
@@ -37,6 +38,7 @@ window.voicebus = page;
 // --- state and notices ------------------------------------------------------------------------------
 
 function setState(state) {
+  if (state !== page.state) page.states.push([Date.now(), state]);
   page.state = state;
   $("orb").dataset.state = state;
   $("state").textContent = STATES[state];
