@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
         "up": "start NATS (unless VB_NATS_URL is set) and every stage, until Ctrl-C",
         "proto": "regenerate the contract document proto/asyncapi.json (--check: fail if it drifted)",
         "config": "print the table of every VB_* setting (--check FILE: fail if FILE drifted)",
+        "demo": "a spoken conversation through the five services, offline; per-turn latency table",
+        "trace": "draw a turn's trace as a waterfall in the terminal",
+        "record": "export a recorded session from JetStream to a file",
+        "replay": "feed a recording through the running services and compare the outcome",
         "natsconf": "the nats-server configuration with one permissioned user per service",
     }
     for name, help_text in tools.items():

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 
 from services.tools.stack import NatsServer
-from tests.bench import hop, report
+from tests.bench import hop, report, turn
 
-SCENARIOS = ("hop",)
+SCENARIOS = ("hop", "turn", "local")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="just bench")
-    parser.add_argument("scenarios", nargs="*", default=list(SCENARIOS), choices=[*SCENARIOS, []])
+    parser.add_argument("scenarios", nargs="*", choices=[*SCENARIOS, []])
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     for scenario in args.scenarios or SCENARIOS:
@@ -24,6 +24,10 @@ def main() -> None:
             finally:
                 nats.stop()
             print(report.write("hop", runs, hop.UNITS))
+        elif scenario == "turn":
+            print(report.write("turn", turn.run_turn(args.runs), turn.UNITS))
+        elif scenario == "local":
+            print(report.write("local", turn.run_local(args.runs), turn.UNITS))
 
 
 if __name__ == "__main__":
