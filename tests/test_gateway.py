@@ -19,11 +19,13 @@ import numpy as np
 import pytest
 from aiohttp import web
 from aiortc import RTCPeerConnection
+from nats.aio.msg import Msg
 from nats.js.errors import NoKeysError
 
 from proto import codec
 from proto import events as ev
 from proto import subjects as sj
+from proto.system import SdpAnswer
 from services.gateway.app import Gateway
 from services.gateway.auth import session_token
 from services.gateway.config import GatewayConfig
@@ -319,3 +321,31 @@ async def test_the_gateway_process_serves_the_page_and_the_api(
         assert r.status == 400
     async with http.post(url + "/sessions") as r:
         assert r.status == 503
+
+
+@pytest.mark.parametrize(
+    ("answer", "status"),
+    [
+        (SdpAnswer(session="placeholder", ok=False, error="not_served", reason="session ended"), 404),
+        (SdpAnswer(session="placeholder", ok=False, error="internal", reason="RuntimeError"), 502),
+        (b"\xc1 not msgpack", 502),
+    ],
+)
+async def test_what_the_owner_answers_maps_to_http(
+    bus: Bus, http: aiohttp.ClientSession, session_id: str, answer: SdpAnswer | bytes, status: int
+) -> None:
+    await register(bus, session_id)
+
+    async def owner(msg: Msg) -> None:
+        reply = answer if isinstance(answer, bytes) else msgspec.structs.replace(answer, session=session_id)
+        await msg.respond(reply if isinstance(reply, bytes) else codec.encode(reply))
+
+    sub = await bus.nc.subscribe(sj.SIGNAL.session_subject("ingress", session_id), cb=owner)
+    try:
+        async with (
+            serving(bus) as url,
+            http.post(f"{url}/whip/{session_id}", data=await an_offer(), headers=SDP) as r,
+        ):
+            assert r.status == status, await r.text()
+    finally:
+        await sub.unsubscribe()

@@ -187,6 +187,8 @@ class Gateway:
         except OfferRefused as e:
             if e.code == "bad_sdp":
                 raise web.HTTPBadRequest(text=f"offer refused: {e}") from None
+            if e.code == "not_served":
+                raise web.HTTPNotFound(text=f"the {stage} does not serve this session: {e}") from None
             raise web.HTTPBadGateway(text=f"the {stage} could not answer: {e}") from None
         except codec.ContractError as e:
             raise web.HTTPBadGateway(text=f"the {stage} answered something unreadable: {e}") from None

@@ -47,6 +47,10 @@ class OfferRefused(ValueError):
     """An offer this leg cannot answer (not SDP, no audio); the message says why, for the HTTP client."""
 
 
+class LegClosed(RuntimeError):
+    """The session ended while its offer was being answered."""
+
+
 def use_host_addresses(addresses: tuple[str, ...]) -> None:
     """Offer exactly ``addresses`` as ICE host candidates, in this process.
 
@@ -137,6 +141,9 @@ class PeerLeg:
         except (OfferRefused, codec.ContractError) as e:
             reply = SdpAnswer(session=self.session, ok=False, error="bad_sdp", reason=str(e))
             offers.labels(self.stage, "refused").inc()
+        except LegClosed as e:
+            reply = SdpAnswer(session=self.session, ok=False, error="not_served", reason=str(e))
+            offers.labels(self.stage, "refused").inc()
         except Exception as e:
             logger.exception("could not answer an offer for %s", self.session)
             reply = SdpAnswer(session=self.session, ok=False, error="internal", reason=type(e).__name__)
@@ -162,8 +169,8 @@ class PeerLeg:
             if self._send is not None:
                 pc.addTrack(self._send())
             await pc.setLocalDescription(await pc.createAnswer())
-            if self._closed:  # the session ended while this offer was being answered
-                raise OfferRefused("the session has ended")
+            if self._closed:
+                raise LegClosed(f"session {self.session} has ended")
         except BaseException:
             await pc.close()
             raise
