@@ -275,7 +275,8 @@ function showLatency(n, t) {
   const ms = (a, b) => (m[a] != null && m[b] != null ? Math.round((m[b] - m[a]) / 1e6) : null);
   const total = ms("speech_end", "first_audio_out");
   const parts = [
-    ["end of turn", ms("speech_end", "end_of_turn")],
+    ["silence", ms("speech_end", "vad_stop")], // the VAD's wait for the end of speech
+    ["STT", ms("stt_told", "stt_final")],
     ["LLM", ms("llm_request", "llm_first_token")],
     ["TTS", ms("tts_text", "tts_first_audio")],
   ].filter(([, v]) => v != null);
@@ -286,7 +287,9 @@ function showLatency(n, t) {
     t.agent.append(chip);
   }
   chip.innerHTML = `<b>${total} ms</b> to first audio` + parts.map(([k, v]) => ` · ${k} ${v}`).join("");
-  chip.title = "from the end of your speech to the agent's first audio frame leaving the server";
+  chip.title =
+    "from the end of your speech to the agent's first audio leaving the server; then the phases: " +
+    "waiting for silence, the final transcript, the LLM's first token, the TTS's first audio";
   chip.dataset.ms = total;
 }
 
