@@ -18,13 +18,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from playwright.async_api import async_playwright
 
 from proto import events as ev
 from services.runtime.bus import Bus
 from services.tools.stack import Stack, free_port
 from tests.support.tap import Tap
-
-playwright = pytest.importorskip("playwright.async_api")
 
 CHROMIUM = "/usr/bin/chromium"
 LOUD = 0.02  # RMS that counts as sound, in the page and here
@@ -86,7 +85,7 @@ async def browser(tmp_path: Path) -> AsyncIterator[Any]:
     if shutil.which(CHROMIUM) is None:
         pytest.fail(f"{CHROMIUM} is missing: deploy/dev-setup.sh installs Debian's chromium")
     microphone = caller_wav(tmp_path / "caller.wav")
-    async with playwright.async_playwright() as p:
+    async with async_playwright() as p:
         launched = await p.chromium.launch(
             executable_path=CHROMIUM,
             args=[*FLAGS, f"--use-file-for-fake-audio-capture={microphone}%noloop"],
