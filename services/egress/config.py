@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.runtime.config import ConfigError, setting, settings_class
+from services.webrtc.config import WebRtcConfig
 
 
 @settings_class
@@ -33,6 +34,9 @@ class EgressConfig:
         100.0,
         "How long a reply's first frame waits for PlayoutStarted to be stored before it plays anyway.",
     )
+
+    #: Settings of the WebRTC sink (their own VB_WEBRTC_* table), loaded with these in ``main``.
+    webrtc: WebRtcConfig = field(default_factory=WebRtcConfig)
 
     def __post_init__(self) -> None:
         if self.max_late_ms <= 0 or self.stall_s <= 0 or self.checkpoint_s <= 0 or self.report_wait_ms < 0:

@@ -35,6 +35,8 @@ from services.runtime import metrics, service, tracing
 from services.runtime.bus import Delivery
 from services.runtime.config import load
 from services.runtime.service import SessionContext, SessionWorker
+from services.webrtc.config import WebRtcConfig
+from services.webrtc.peer import use_host_addresses
 
 logger = logging.getLogger("voicebus.egress")
 
@@ -102,7 +104,7 @@ class EgressWorker(SessionWorker[EgressState]):
                 self.recording.resume_after(state.caller_seq)
         resume = ctx.how != "queue"
         try:
-            self.sink = make_sink(ctx)
+            self.sink = make_sink(ctx, self.cfg.webrtc)
             await self.sink.open(resume)
         except (UnsupportedSink, OSError) as e:
             self.sink = BusSink(ctx)
@@ -375,5 +377,7 @@ class EgressWorker(SessionWorker[EgressState]):
 
 def main() -> int:
     """Run one egress replica."""
-    cfg = load(EgressConfig)
+    cfg = load(EgressConfig, webrtc=load(WebRtcConfig))
+    if cfg.webrtc.host_addresses:
+        use_host_addresses(cfg.webrtc.host_addresses)
     return service.run("egress", lambda ctx: EgressWorker(ctx, cfg), state_type=EgressState)

@@ -16,6 +16,7 @@ from proto import events as ev
 from proto import subjects as sj
 from services.egress.recording import WavTrack
 from services.runtime.service import SessionContext
+from services.webrtc.config import WebRtcConfig
 
 
 class UnsupportedSink(ValueError):
@@ -65,14 +66,18 @@ class FileSink(Sink):
         await self.track.persist(final)
 
 
-def make_sink(ctx: SessionContext[Any]) -> Sink:
+def make_sink(ctx: SessionContext[Any], webrtc: WebRtcConfig) -> Sink:
     """The sink the session's spec names."""
     spec = ctx.spec
     match spec.sink:
         case "bus":
             return BusSink(ctx)
+        case "webrtc":
+            from services.egress.webrtc import WebRtcSink  # aiortc only where a session needs it
+
+            return WebRtcSink(ctx, webrtc)
         case "file" if spec.sink_uri:
             return FileSink(Path(spec.sink_uri), spec.output_rate)
         case "file":
             raise UnsupportedSink("the file sink needs the WAV path in sink_uri")
-    raise UnsupportedSink(f"sink {spec.sink!r} is not served by this egress yet (bus and file are)")
+    raise UnsupportedSink(f"sink {spec.sink!r} is not served by this egress yet (bus, file and webrtc are)")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.runtime.config import ConfigError, setting, settings_class
+from services.webrtc.config import WebRtcConfig
 
 RESAMPLE_QUALITIES = ("QQ", "LQ", "MQ", "HQ", "VHQ")
 
@@ -53,6 +54,9 @@ class IngressConfig:
         1.0,
         "Seconds between checkpoints of a session's stream (also taken at every speech start and stop).",
     )
+
+    #: Settings of the WebRTC source (their own VB_WEBRTC_* table), loaded with these in ``main``.
+    webrtc: WebRtcConfig = field(default_factory=WebRtcConfig)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:

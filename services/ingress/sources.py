@@ -50,6 +50,9 @@ class CallerSource:
     async def on_media(self, event: ev.Event) -> None:
         """An event of one of the ``media`` channels, in stream order."""
 
+    async def on_event(self, event: ev.Event) -> None:
+        """A conversation event of the session (the agent's playout, say), in stream order."""
+
     async def close(self) -> None:
         """Stop delivering (the session ended or is handed over)."""
 
@@ -128,4 +131,15 @@ class FileSource(CallerSource):
             await asyncio.wait([self._task])
 
 
-SOURCES: dict[str, type[CallerSource]] = {"bus": BusSource, "file": FileSource}
+def _webrtc(ctx: SessionContext[Any], cfg: IngressConfig, deliver: Deliver) -> CallerSource:
+    """A browser's microphone (aiortc is loaded only by replicas that serve one)."""
+    from services.ingress.webrtc import WebRtcSource
+
+    return WebRtcSource(ctx, cfg, deliver)
+
+
+SOURCES: dict[str, Callable[[SessionContext[Any], IngressConfig, Deliver], CallerSource]] = {
+    "bus": BusSource,
+    "file": FileSource,
+    "webrtc": _webrtc,
+}
