@@ -72,10 +72,13 @@ def build() -> dict[str, Any]:
     for s in sj.SYSTEM_SUBJECTS:
         key = f"sys_{s.name}"
         msgs = [s.request, *([s.reply] if s.reply else [])]
+        parameters: dict[str, Any] = {"stage": {"enum": list(s.stages)}}
+        if s.per_session:
+            parameters["session"] = {"description": "Session id: [A-Za-z0-9][A-Za-z0-9_-]{0,63}"}
         channels[key] = {
-            "address": f"{sj.SYSTEM_PREFIX}.{s.name}.{{stage}}",
+            "address": s.address,
             "description": s.description,
-            "parameters": {"stage": {"enum": list(ev.STAGES)}},
+            "parameters": parameters,
             "messages": {t.__name__: {"$ref": f"#/components/messages/{t.__name__}"} for t in msgs},
         }
         operations[f"request_{s.name}"] = {

@@ -207,10 +207,31 @@ class SystemSubject:
     request: type[system.SystemMessage]
     reply: type[system.SystemMessage] | None
     description: str
+    #: One subject per (stage, session), answered by the replica that owns the session in that stage.
+    per_session: bool = False
+    #: The stages whose replicas answer it.
+    stages: tuple[str, ...] = ev.STAGES
 
     def subject(self, stage: str) -> str:
         """The subject for one stage's replicas."""
+        assert not self.per_session, f"{self.name} subjects are per session"
         return f"{SYSTEM_PREFIX}.{self.name}.{stage}"
+
+    def session_subject(self, stage: str, session: str) -> str:
+        """The subject for the replica of ``stage`` that owns ``session``."""
+        assert self.per_session, f"{self.name} subjects are per stage"
+        return f"{SYSTEM_PREFIX}.{self.name}.{stage}.{session}"
+
+    def pattern(self, stage: str) -> str:
+        """Every subject of this kind for ``stage`` (``*``: any stage), as used in permissions."""
+        tail = ".*" if self.per_session else ""
+        return f"{SYSTEM_PREFIX}.{self.name}.{stage}{tail}"
+
+    @property
+    def address(self) -> str:
+        """The subject with its parameters, for the contract document."""
+        tail = ".{session}" if self.per_session else ""
+        return f"{SYSTEM_PREFIX}.{self.name}.{{stage}}{tail}"
 
 
 CLAIM = SystemSubject(
@@ -219,7 +240,16 @@ CLAIM = SystemSubject(
     system.ClaimReply,
     "Ask one replica of a stage (queue group = stage) to take ownership of a new session.",
 )
-SYSTEM_SUBJECTS: tuple[SystemSubject, ...] = (CLAIM,)
+SIGNAL = SystemSubject(
+    "signal",
+    system.SdpOffer,
+    system.SdpAnswer,
+    "Relay a WebRTC peer's SDP offer (WHIP to ingress, WHEP to egress) to the replica that owns the "
+    "session in that stage; it answers with its SDP answer.",
+    per_session=True,
+    stages=("ingress", "egress"),
+)
+SYSTEM_SUBJECTS: tuple[SystemSubject, ...] = (CLAIM, SIGNAL)
 
 
 def owner_key(stage: str, session: str) -> str:

@@ -8,7 +8,7 @@ race to rewrite its owner records with a compare-and-set on the record's revisio
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
@@ -74,3 +74,32 @@ class Checkpoint(SystemMessage, kw_only=True, frozen=True):
     cursors: dict[str, Annotated[int, Meta(ge=0)]] = {}
     state: bytes = b""
     saved_ts: Annotated[int, Meta(ge=0)] = 0
+
+
+#: Largest SDP accepted in signalling (browser offers are 2-8 KB).
+MAX_SDP = 64 * 1024
+Sdp = Annotated[str, Meta(max_length=MAX_SDP)]
+
+
+class SdpOffer(SystemMessage, kw_only=True, frozen=True):
+    """A WebRTC peer's complete SDP offer (ICE gathered, no trickle) for one media leg of a session.
+
+    WHIP (the caller's microphone) goes to the session's ingress owner, WHEP (the agent's voice) to its
+    egress owner: the peer connection lives in the replica that serves that side of the session.
+    """
+
+    session: SessionId
+    sdp: Sdp
+
+
+class SdpAnswer(SystemMessage, kw_only=True, frozen=True):
+    """The owning replica's SDP answer (its ICE candidates included), or why it refused the offer."""
+
+    session: SessionId
+    sdp: Sdp = ""
+    ok: bool = True
+    #: ``bad_sdp``: the offer cannot be answered (not SDP, no audio, no common codec); ``not_served``:
+    #: the replica does not serve this session with a WebRTC edge; ``internal``: it failed.
+    error: Literal["", "bad_sdp", "not_served", "internal"] = ""
+    reason: str = ""
+    replica: str = ""

@@ -32,8 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         p = sub.add_parser(stage, help=f"run one {stage} replica (configured by VB_* environment variables)")
         p.set_defaults(func=_run_stage(stage))
+    p = sub.add_parser("gateway", help="run one gateway replica: sessions, WHIP/WHEP and the web page")
+    p.set_defaults(func=_run_stage("gateway"))
     tools = {
-        "up": "start NATS (unless VB_NATS_URL is set) and every stage, until Ctrl-C",
+        "up": "start NATS (unless VB_NATS_URL is set), every stage and the gateway, until Ctrl-C",
         "proto": "regenerate the contract document proto/asyncapi.json (--check: fail if it drifted)",
         "config": "print the table of every VB_* setting (--check FILE: fail if FILE drifted)",
         "demo": "a spoken conversation through the five services, offline; per-turn latency table",

@@ -28,9 +28,9 @@ def nats_server() -> Iterator[NatsServer | ContainerNats]:
     server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def veth_host() -> Iterator[str]:
-    """An address of a non-loopback interface made for the tests (libwebrtc ignores loopback)."""
+    """An address of a non-loopback interface made for a module's tests (libwebrtc ignores loopback)."""
     try:
         with veth_address() as address:
             yield address

@@ -24,6 +24,8 @@ from livekit.protocol import models, webhook
 from proto import codec
 from proto import events as ev
 from proto import subjects as sj
+from services.gateway.app import Gateway
+from services.gateway.config import GatewayConfig
 from services.gateway.livekit import LiveKitRoutes, room_prefix, session_id
 from services.livekit.config import LiveKitConfig
 from services.runtime.bus import Bus
@@ -212,3 +214,38 @@ async def test_sessions_endpoint_sends_the_agent_into_a_room(
         _, reply = await post_webhook(http, base, *signed(event("room_finished", "r10", "RM_any")))
         assert reply["outcome"] == f"ended {session}"
         await tap.wait(ev.SessionEnded)
+
+
+async def test_the_gateway_serves_the_livekit_routes_with_its_own_api_keys(bus: Bus) -> None:
+    gateway = Gateway(bus, GatewayConfig(api_keys=(APP_KEY,), livekit=CFG))
+    server = TestServer(gateway.app(), host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as http:
+            url = server.make_url("/livekit/token")
+            async with http.post(url, json={"room": "r1", "identity": "dan"}) as r:
+                assert r.status == 401
+            headers = {"Authorization": f"Bearer {APP_KEY}"}
+            async with http.post(url, json={"room": "r1", "identity": "dan"}, headers=headers) as r:
+                assert r.status == 201 and (await r.json())["room"] == "r1"
+            body, _ = signed(event("room_started", "support-1", "RM_x"))
+            async with http.post(server.make_url("/livekit/webhook"), data=body) as r:
+                assert r.status == 401
+    finally:
+        await server.close()
+
+
+async def test_without_a_livekit_server_the_routes_say_so(bus: Bus) -> None:
+    app = web.Application()
+    LiveKitRoutes(bus, LiveKitConfig(), app_key, stages=()).register(app)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as http:
+            headers = {"Authorization": f"Bearer {APP_KEY}"}
+            async with http.post(
+                server.make_url("/livekit/token"), json={"room": "r", "identity": "x"}, headers=headers
+            ) as r:
+                assert r.status == 503 and "LIVEKIT_URL" in await r.text()
+    finally:
+        await server.close()

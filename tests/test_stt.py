@@ -147,7 +147,8 @@ async def test_two_segments_with_a_pause_are_one_turn(stack: Stack, bus: Bus, se
     assert all(normal(t.text) == SPOKEN for t in finals)
     assert normal(ended.text) == f"{SPOKEN} {SPOKEN}"
     assert ended.turn == 1 and ended.reason == "silence"
-    assert ended.endpointing_ms >= 1999  # it waited the min delay after the second final
+    (last_stop,) = tap.of(ev.SpeechStopped, lambda e: e.segment == 1)
+    assert ended.ts - last_stop.ts >= 1.99e9  # it waited the min delay of silence after the second segment
     assert ended.start_ms == 24 * 20 and ended.end_ms == caller.index * 20 - 10 * 20
 
 
@@ -257,7 +258,12 @@ async def test_an_engine_that_never_answers_is_reported_and_the_turn_ends(
     stack: Stack, bus: Bus, session_id: str
 ) -> None:
     # no endpointing wait: the turn ends as soon as its final is given up on, before the report is out
-    stalled_engine = {"VB_STT_BENCH_DELAY": "60", "VB_STT_FINAL_TIMEOUT": "0.3", "VB_STT_MAX_DELAY": "0"}
+    stalled_engine = {
+        "VB_STT_BENCH_DELAY": "60",
+        "VB_STT_FINAL_TIMEOUT": "0.3",
+        "VB_STT_MIN_DELAY": "0",
+        "VB_STT_MAX_DELAY": "0",
+    }
     await serve(stack, bus, session_id, **BENCH, **stalled_engine)
     async with Tap(bus, session_id) as tap:
         caller = Caller(bus, session_id)

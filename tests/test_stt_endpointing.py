@@ -59,23 +59,24 @@ def test_finished_text_waits_the_min_delay_then_ends_the_turn(clock: Clock) -> N
     assert ep.deadline is None
     ep.speech_stopped(0, 2000, speech_end_ts=123)
     assert ep.deadline is None  # the final is still being decoded
-    clock.now += 0.4
+    clock.now += 0.04
     assert ep.transcript("What is the weather like today?", is_final=True, flushed=True) == (1, 0)
-    assert ep.deadline == pytest.approx(clock.now + 0.1)
-    clock.now += 0.1
+    # the wait is silence after the VAD's stop: the 40 ms of decoding count towards it
+    assert ep.deadline == pytest.approx(100.1)
+    clock.now = 100.1
     end = ep.end_turn()
     assert (end.turn, end.text, end.reason) == (1, "What is the weather like today?", "silence")
-    assert (end.start_ms, end.end_ms, end.speech_end_ts, end.endpointing_ms) == (500, 2000, 123, 100)
+    assert (end.start_ms, end.end_ms, end.speech_end_ts, end.endpointing_ms) == (500, 2000, 123, 60)
     assert ep.turn is None and ep.deadline is None
 
 
 def test_unfinished_text_waits_the_max_delay(clock: Clock) -> None:
     ep = endpointer(clock)
     segment(ep, clock, 0, "I would like to")
-    assert ep.deadline == pytest.approx(clock.now + 0.8)
-    clock.now += 0.8
+    assert ep.deadline == pytest.approx(100.8)  # 0.8 s after the stop; the final came 0.3 s into it
+    clock.now = 100.8
     end = ep.end_turn()
-    assert (end.reason, end.endpointing_ms) == ("max_delay", 800)
+    assert (end.reason, end.endpointing_ms) == ("max_delay", 500)
 
 
 def test_speech_resuming_cancels_the_wait_and_segments_join_in_one_turn(clock: Clock) -> None:
@@ -119,7 +120,7 @@ def test_turn_ids_count_on_from_the_restored_turn(clock: Clock) -> None:
 def test_noise_ends_with_empty_text_after_the_max_delay(clock: Clock) -> None:
     ep = endpointer(clock)
     segment(ep, clock, 0, "")
-    assert ep.deadline == pytest.approx(clock.now + 0.8)
+    assert ep.deadline == pytest.approx(100.8)  # the max delay after the stop
     assert ep.end_turn().text == ""
     assert ep.speech_started(1, 0) == 2  # ids are never reused
 
@@ -149,3 +150,44 @@ def test_results_outside_a_turn_and_stops_of_unknown_segments_are_refused(clock:
     ep.speech_started(4, 0)
     assert ep.speech_stopped(3, 100, speech_end_ts=1) is None
     assert ep.speech_stopped(4, 100, speech_end_ts=1) == 1
+
+
+def test_a_decode_slower_than_the_wait_ends_the_turn_as_soon_as_its_final_is_in(clock: Clock) -> None:
+    ep = endpointer(clock)
+    ep.speech_started(0, 0)
+    ep.speech_stopped(0, 1000, speech_end_ts=1)
+    clock.now += 2.0  # a slow decoder
+    ep.transcript("Book a table for two.", is_final=True, flushed=True)
+    assert ep.deadline is not None and ep.deadline <= clock.now  # due at once
+
+
+@pytest.mark.parametrize(
+    ("final", "silence_ms", "continues"),
+    [
+        ("Book a table for two.", 50, True),  # shorter than the min delay: the turn goes on
+        ("Book a table for two.", 300, False),  # finished text, the min delay had run out
+        ("I would like to", 300, True),  # unfinished text: within the max delay
+        ("I would like to", 900, False),  # longer than the max delay
+    ],
+)
+def test_whether_speech_continues_the_turn_is_decided_in_stream_time(
+    clock: Clock, final: str, silence_ms: int, continues: bool
+) -> None:
+    ep = endpointer(clock)
+    ep.speech_started(0, 0)
+    ep.speech_stopped(0, 1000, speech_end_ts=1, stop_ms=1200)
+    heard = 1200 + silence_ms
+    # before the final: only the silences beyond doubt are decided
+    assert ep.continues(heard) is {50: True, 300: None, 900: False}[silence_ms]
+    clock.now += 5.0  # however long the decode took
+    ep.transcript(final, is_final=True, flushed=True)
+    assert ep.continues(heard) is continues
+
+
+def test_speed_shortens_the_wait_on_the_clock_but_not_in_the_audio(clock: Clock) -> None:
+    ep = Endpointer(min_delay_s=0.1, max_delay_s=0.8, speed=4.0, clock=clock)
+    ep.speech_started(0, 0)
+    ep.speech_stopped(0, 1000, speech_end_ts=1, stop_ms=1200)
+    ep.transcript("I would like to", is_final=True, flushed=True)
+    assert ep.deadline == pytest.approx(100.2)  # 0.8 s of audio at 4x
+    assert ep.continues(1900) is True and ep.continues(2100) is False

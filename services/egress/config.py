@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from services.livekit.config import LiveKitConfig
 from services.runtime.config import ConfigError, setting, settings_class
+from services.webrtc.config import WebRtcConfig
 
 
 @settings_class
@@ -34,6 +35,9 @@ class EgressConfig:
         100.0,
         "How long a reply's first frame waits for PlayoutStarted to be stored before it plays anyway.",
     )
+
+    #: Settings of the WebRTC sink (their own VB_WEBRTC_* table), loaded with these in ``main``.
+    webrtc: WebRtcConfig = field(default_factory=WebRtcConfig)
 
     #: Settings of the LiveKit sink (their own LIVEKIT_* / VB_LIVEKIT_* table), loaded in ``main``.
     livekit: LiveKitConfig = field(default_factory=LiveKitConfig)

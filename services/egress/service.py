@@ -36,6 +36,8 @@ from services.runtime import metrics, service, tracing
 from services.runtime.bus import Delivery
 from services.runtime.config import load
 from services.runtime.service import SessionContext, SessionWorker
+from services.webrtc.config import WebRtcConfig
+from services.webrtc.peer import use_host_addresses
 
 logger = logging.getLogger("voicebus.egress")
 
@@ -377,5 +379,7 @@ class EgressWorker(SessionWorker[EgressState]):
 
 def main() -> int:
     """Run one egress replica."""
-    cfg = load(EgressConfig, livekit=load(LiveKitConfig))
+    cfg = load(EgressConfig, webrtc=load(WebRtcConfig), livekit=load(LiveKitConfig))
+    if cfg.webrtc.host_addresses:
+        use_host_addresses(cfg.webrtc.host_addresses)
     return service.run("egress", lambda ctx: EgressWorker(ctx, cfg), state_type=EgressState)

@@ -77,6 +77,10 @@ def make_sink(ctx: SessionContext[Any], cfg: EgressConfig) -> Sink:
     match spec.sink:
         case "bus":
             return BusSink(ctx)
+        case "webrtc":
+            from services.egress.webrtc import WebRtcSink  # aiortc only where a session needs it
+
+            return WebRtcSink(ctx, cfg.webrtc)
         case "file" if spec.sink_uri:
             return FileSink(Path(spec.sink_uri), spec.output_rate)
         case "file":
@@ -85,4 +89,6 @@ def make_sink(ctx: SessionContext[Any], cfg: EgressConfig) -> Sink:
             from services.egress.livekit import LiveKitSink  # the rtc SDK only where a session needs it
 
             return LiveKitSink(ctx, cfg.livekit)
-    raise UnsupportedSink(f"sink {spec.sink!r} is not served by this egress yet (bus, file and livekit are)")
+    raise UnsupportedSink(
+        f"sink {spec.sink!r} is not served by this egress (bus, file, webrtc and livekit are)"
+    )

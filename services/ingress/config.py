@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from services.livekit.config import LiveKitConfig
 from services.runtime.config import ConfigError, setting, settings_class
+from services.webrtc.config import WebRtcConfig
 
 RESAMPLE_QUALITIES = ("QQ", "LQ", "MQ", "HQ", "VHQ")
 
@@ -54,6 +55,9 @@ class IngressConfig:
         1.0,
         "Seconds between checkpoints of a session's stream (also taken at every speech start and stop).",
     )
+
+    #: Settings of the WebRTC source (their own VB_WEBRTC_* table), loaded with these in ``main``.
+    webrtc: WebRtcConfig = field(default_factory=WebRtcConfig)
 
     #: Settings of the LiveKit source (their own LIVEKIT_* / VB_LIVEKIT_* table), loaded in ``main``.
     livekit: LiveKitConfig = field(default_factory=LiveKitConfig)

@@ -25,6 +25,8 @@ from services.runtime import service
 from services.runtime.bus import Delivery
 from services.runtime.config import ConfigError, load
 from services.runtime.service import SessionContext
+from services.webrtc.config import WebRtcConfig
+from services.webrtc.peer import use_host_addresses
 
 logger = logging.getLogger("voicebus.ingress")
 
@@ -57,6 +59,8 @@ class IngressWorker(service.SessionWorker[IngressState]):
         match event:
             case ev.SessionStarted():
                 await self._start_source(SourcePosition())
+            case _ if self.source is not None:
+                await self.source.on_event(event)
 
     async def on_media(self, event: ev.Event, delivery: Delivery) -> None:
         """Caller audio from the bus, for the source that follows it."""
@@ -96,11 +100,14 @@ class IngressWorker(service.SessionWorker[IngressState]):
 def main() -> int:
     """Run one ingress replica; the VAD model is loaded before the replica says it is ready."""
     try:
-        cfg = load(IngressConfig, livekit=load(LiveKitConfig))
+        cfg = load(IngressConfig, webrtc=load(WebRtcConfig), livekit=load(LiveKitConfig))
         model = SileroVad.load(cfg.vad_model)
     except (ConfigError, VadModelError) as e:
         print(f"ingress: {e}", file=sys.stderr)
         return 2
+
+    if cfg.webrtc.host_addresses:
+        use_host_addresses(cfg.webrtc.host_addresses)
 
     def worker(ctx: SessionContext[Any]) -> IngressWorker:
         return IngressWorker(ctx, cfg, model)

@@ -50,6 +50,9 @@ class CallerSource:
     async def on_media(self, event: ev.Event) -> None:
         """An event of one of the ``media`` channels, in stream order."""
 
+    async def on_event(self, event: ev.Event) -> None:
+        """A conversation event of the session (the agent's playout, say), in stream order."""
+
     async def close(self) -> None:
         """Stop delivering (the session ended or is handed over)."""
 
@@ -128,6 +131,13 @@ class FileSource(CallerSource):
             await asyncio.wait([self._task])
 
 
+def _webrtc(ctx: SessionContext[Any], cfg: IngressConfig, deliver: Deliver) -> CallerSource:
+    """A browser's microphone (aiortc is loaded only by replicas that serve one)."""
+    from services.ingress.webrtc import WebRtcSource
+
+    return WebRtcSource(ctx, cfg, deliver)
+
+
 def _livekit(ctx: SessionContext[Any], cfg: IngressConfig, deliver: Deliver) -> CallerSource:
     """The caller's microphone in a LiveKit room (the rtc SDK is loaded only by replicas that serve one)."""
     from services.ingress.livekit import LiveKitSource
@@ -138,5 +148,6 @@ def _livekit(ctx: SessionContext[Any], cfg: IngressConfig, deliver: Deliver) -> 
 SOURCES: dict[str, Callable[[SessionContext[Any], IngressConfig, Deliver], CallerSource]] = {
     "bus": BusSource,
     "file": FileSource,
+    "webrtc": _webrtc,
     "livekit": _livekit,
 }

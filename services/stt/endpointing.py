@@ -7,6 +7,10 @@ flushed final; then the turn's text so far decides how long to wait for more spe
 "um", a comma). Speech resuming during the wait cancels it and the turn goes on; when the wait runs
 out the turn ends. The clock is injected (the event loop's in the service, a fake one in tests), and
 nothing here sleeps: the service arms a timer at ``deadline`` and calls ``end_turn`` when it fires.
+
+The wait is silence in the caller's audio, so it counts from the VAD's stop, and whether speech that
+resumes continues the turn is decided in stream time (``continues``): the same audio gives the same
+turns however long the engine took to decode, and a replay at any speed reproduces them.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ class _Turn:
     last_segment: int
     end_ms: int = 0
     speech_end_ts: int = 0
+    stop_ms: int = 0  # stream time at which the VAD declared the last segment over
+    stopped_at: float = 0.0  # clock time of that
     #: Segments that ended and whose flushed final has not come yet, oldest first.
     unflushed: deque[int] = field(default_factory=deque)
     finals: list[str] = field(default_factory=list)
@@ -83,15 +89,17 @@ class Endpointer:
         *,
         min_delay_s: float,
         max_delay_s: float,
+        speed: float = 1.0,
         last_turn: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.min_delay_s, self.max_delay_s = min_delay_s, max_delay_s
+        self.min_delay_s, self.max_delay_s, self.speed = min_delay_s, max_delay_s, speed
         self.last_turn = last_turn
         self._clock = clock
         self._turn: _Turn | None = None
         self._deadline: float | None = None
         self._wait_started = 0.0
+        self._wait_s: float | None = None  # the wait chosen for the open turn, once its finals are in
         self._reason: Reason = "silence"
 
     @property
@@ -111,17 +119,47 @@ class Endpointer:
             self._turn = _Turn(id=self.last_turn, start_ms=start_ms, speaking=segment, last_segment=segment)
         else:
             self._turn.speaking = self._turn.last_segment = segment
-        self._deadline = None
+        self._deadline = self._wait_s = None
         return self._turn.id
 
-    def speech_stopped(self, segment: int, end_ms: int, speech_end_ts: int) -> int | None:
-        """The VAD heard the segment end; its flushed final is now awaited. Returns the turn, if any."""
+    def continues(self, heard_ms: int) -> bool | None:
+        """Whether speech heard at stream time ``heard_ms`` continues the open, silent turn.
+
+        It does when less of the turn's wait had passed since the VAD's stop; None while that cannot
+        be told yet (the wait depends on a final still being decoded). True without a silent turn.
+        """
+        t = self._turn
+        if t is None or t.speaking is not None:
+            return True
+        silence_s = (heard_ms - t.stop_ms) / 1000
+        if self._wait_s is not None:
+            return silence_s <= self._wait_s
+        if silence_s <= min(self.min_delay_s, self.max_delay_s):
+            return True
+        if silence_s > max(self.min_delay_s, self.max_delay_s):
+            return False
+        return None
+
+    @property
+    def waiting_for_finals(self) -> bool:
+        """Whether the open turn has ended segments whose finals are still being decoded."""
+        return self._turn is not None and bool(self._turn.unflushed)
+
+    def speech_stopped(
+        self, segment: int, end_ms: int, speech_end_ts: int, stop_ms: int | None = None
+    ) -> int | None:
+        """The VAD heard the segment end, declared at stream time ``stop_ms``.
+
+        The segment's flushed final is now awaited. Returns the turn, if any.
+        """
         t = self._turn
         if t is None or t.speaking != segment:
             return None
         t.speaking = None
         t.unflushed.append(segment)
         t.end_ms, t.speech_end_ts = end_ms, speech_end_ts
+        t.stop_ms = end_ms if stop_ms is None else stop_ms
+        t.stopped_at = self._clock()
         return t.id
 
     def transcript(
@@ -156,14 +194,15 @@ class Endpointer:
             wait, self._reason = self.max_delay_s, "max_delay"
         else:
             wait, self._reason = self.min_delay_s, "silence"
-        self._wait_started = self._clock()
-        self._deadline = self._wait_started + wait
+        self._wait_started, self._wait_s = self._clock(), wait
+        # the wait is silence after the VAD's stop (time spent decoding counts), at the session's speed
+        self._deadline = t.stopped_at + wait / self.speed
 
     def end_turn(self) -> TurnEnd:
         """Close the open turn (its wait has run out)."""
         t = self._turn
         assert t is not None, "no turn is open"
-        self._turn, self._deadline = None, None
+        self._turn, self._deadline, self._wait_s = None, None, None
         return TurnEnd(
             turn=t.id,
             text=t.text,

@@ -58,10 +58,10 @@ class SttWorker(SessionWorker[SttState]):
         self.engine = engine
         self._final_timeout_s = cfg.final_timeout_s
         self._loop = asyncio.get_running_loop()
-        speed = ctx.spec.speed  # endpointing waits are silence in the caller's audio: they scale with it
         self.endpointer = Endpointer(
-            min_delay_s=cfg.min_delay_s / speed,
-            max_delay_s=cfg.max_delay_s / speed,
+            min_delay_s=cfg.min_delay_s,
+            max_delay_s=cfg.max_delay_s,
+            speed=ctx.spec.speed,  # endpointing waits are silence in the caller's audio: they scale with it
             last_turn=state.last_turn,
             clock=self._loop.time,
         )
@@ -79,6 +79,8 @@ class SttWorker(SessionWorker[SttState]):
         self._marks: asyncio.Queue[Step] = asyncio.Queue()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._finals_in = asyncio.Event()  # set while no ended segment of the open turn awaits its final
+        self._finals_in.set()
 
     async def start(self) -> None:
         """Open the engine stream and the tasks that read its results and publish."""
@@ -113,6 +115,7 @@ class SttWorker(SessionWorker[SttState]):
             duplicates.labels("vad").inc()
             return
         self._last_started = event.segment
+        await self._end_turn_if_over(heard_ms=(event.at_frame + 1) * ev.FRAME_MS)
         opened = self.endpointer.turn is None
         turn = self.endpointer.speech_started(event.segment, event.start_ms)
         self._rearm()
@@ -125,17 +128,33 @@ class SttWorker(SessionWorker[SttState]):
             )
         await stream.speech_started()
 
+    async def _end_turn_if_over(self, heard_ms: int) -> None:
+        """Speech resumed: end the open turn first if its wait had already run out in the audio.
+
+        When that depends on a final still being decoded, the feed waits for it (bounded by the final
+        watchdog): the turn boundary must not depend on how fast the engine is.
+        """
+        verdict = self.endpointer.continues(heard_ms)
+        if verdict is None:
+            await self._finals_in.wait()
+            verdict = self.endpointer.continues(heard_ms)
+        if verdict is False:
+            self._cancel_timer()
+            self._outbox.put_nowait(partial(self._end_turn, self.endpointer.end_turn()))
+
     async def _speech_stopped(self, event: ev.SpeechStopped, stream: SttStream) -> None:
         if event.segment <= self._last_stopped:
             duplicates.labels("vad").inc()
             return
-        turn = self.endpointer.speech_stopped(event.segment, event.end_ms, event.speech_end_ts)
+        stop_ms = (event.at_frame + 1) * ev.FRAME_MS
+        turn = self.endpointer.speech_stopped(event.segment, event.end_ms, event.speech_end_ts, stop_ms)
         if turn is None:
             await self.ctx.report(
                 "malformed", f"SpeechStopped for segment {event.segment}, which never started"
             )
             return
         self._last_stopped = event.segment
+        self._finals_in.clear()
         # registered before telling the engine: a fast one may answer while it is being told
         told = time.time_ns()
         watchdog = None
@@ -191,6 +210,8 @@ class SttWorker(SessionWorker[SttState]):
             self._mark(turn, "stt_final", now)
         if result.is_final:
             self._rearm()
+        if not self.endpointer.waiting_for_finals:
+            self._finals_in.set()
 
     def _final_overdue(self, turn: int) -> None:
         """The engine has not answered an end of speech: report it, and let the turn go on without it."""
@@ -201,6 +222,8 @@ class SttWorker(SessionWorker[SttState]):
         self._outbox.put_nowait(partial(self.ctx.report, "provider", message, turn=turn, retryable=True))
         self.endpointer.transcript("", is_final=True, flushed=True)
         self._rearm()
+        if not self.endpointer.waiting_for_finals:
+            self._finals_in.set()
 
     def _in_stream_time(self, words: tuple[ev.Word, ...]) -> tuple[ev.Word, ...]:
         base = self._first_frame_ms or 0
@@ -208,11 +231,14 @@ class SttWorker(SessionWorker[SttState]):
             msgspec.structs.replace(w, start_ms=w.start_ms + base, end_ms=w.end_ms + base) for w in words
         )
 
-    def _rearm(self) -> None:
-        """Follow endpointing's deadline: (re)start the timer, or stop it when speech resumed."""
+    def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def _rearm(self) -> None:
+        """Follow endpointing's deadline: (re)start the timer, or stop it when speech resumed."""
+        self._cancel_timer()
         if (deadline := self.endpointer.deadline) is not None:
             self._timer = self._loop.call_at(deadline, self._wait_over)
 

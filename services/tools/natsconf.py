@@ -53,12 +53,15 @@ def permissions(user: str) -> dict[str, object]:
             *produced,
             *runtime,
             sj.kv_subject(sj.SESSIONS_BUCKET, ">"),
-            *(s.subject("*") for s in sj.SYSTEM_SUBJECTS),
+            *(s.pattern("*") for s in sj.SYSTEM_SUBJECTS),
         ]
         subscribe = [f"{sj.PREFIX}.>", "_INBOX.>"]
     else:
         publish = [*produced, *runtime]
-        subscribe = ["_INBOX.>", *(s.subject(user) for s in sj.SYSTEM_SUBJECTS)]
+        subscribe = [
+            "_INBOX.>",
+            *(s.pattern(user) for s in sj.SYSTEM_SUBJECTS if user in s.stages),
+        ]
     return {
         "publish": {"allow": publish},
         "subscribe": {"allow": subscribe},

@@ -1,7 +1,9 @@
 """``voicebus up``: the whole system on this machine, each stage its own process, until Ctrl-C.
 
 Uses the NATS server named by VB_NATS_URL when it is set; otherwise starts a local nats-server with
-JetStream (data under out/nats) on the port given by --nats-port.
+JetStream (data under out/nats) on the port given by --nats-port. Starts the gateway too (unless
+--no-gateway): its page, on 127.0.0.1 unless VB_GATEWAY_HOST says otherwise, is where you talk to the
+agent.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replicas", type=int, default=1, help="replicas of each stage (default 1)")
     parser.add_argument("--nats-port", type=int, default=4222, help="port of the local nats-server it starts")
     parser.add_argument("--stages", default=",".join(STAGES), help="stages to run, comma-separated")
+    parser.add_argument(
+        "--port", type=int, default=8080, help="port of the gateway's page and API (default 8080)"
+    )
+    parser.add_argument("--no-gateway", action="store_true", help="run the stages only, no browser edge")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -39,10 +45,16 @@ def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         stack.start([s for s in args.stages.split(",") if s], replicas=args.replicas)
+        if not args.no_gateway:
+            host = os.environ.get("VB_GATEWAY_HOST", "127.0.0.1")
+            gateway = stack.spawn("gateway", env={"VB_GATEWAY_HOST": host, "VB_GATEWAY_PORT": str(args.port)})
+            stack.wait_ready([gateway])
         print(f"voicebus is up on {url}")
         for p in stack.processes:
             metrics_url = f"http://127.0.0.1:{p.http_port}/metrics"
             print(f"  {p.replica:<14} pid {p.proc.pid:<7} {metrics_url}  log {p.log_path}")
+        if not args.no_gateway:
+            print(f"\nTalk to the agent: http://127.0.0.1:{args.port}/\n")
         print("Ctrl-C stops it.")
         while not stop.wait(0.5):
             if dead := [p for p in stack.processes if not p.alive]:
