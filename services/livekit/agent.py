@@ -18,7 +18,7 @@ from prometheus_client import Counter
 from proto import events as ev
 from services.livekit.captions import LISTENING, SPEAKING, THINKING, RoomCaptions
 from services.livekit.config import LiveKitConfig
-from services.livekit.link import RoomLink, reason_name
+from services.livekit.link import RoomLink
 from services.livekit.room import RoomTarget
 from services.livekit.tokens import agent_token
 from services.livekit.voice import AgentVoice
@@ -56,9 +56,7 @@ class AgentParticipant:
         """
         captions = asyncio.create_task(self.captions.run(), name="livekit-captions")
         try:
-            reason = await self.link.run()
-            logger.info("the agent left room %s (%s)", self.target.room, reason_name(reason))
-            return reason
+            return await self.link.run()
         finally:
             captions.cancel()
             await asyncio.gather(captions, return_exceptions=True)
