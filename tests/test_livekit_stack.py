@@ -26,7 +26,7 @@ from proto.events import FRAME_MS
 from services.livekit.captions import FINAL, STATE
 from services.runtime.bus import Bus
 from services.runtime.sessions import end_session, open_session
-from services.tools.stack import Stack
+from services.tools.stack import Stack, free_port
 from tests.fakes.livekit_media import dominant_hz, onsets, tone
 from tests.fakes.livekit_sfu import Caller, FakeLiveKit, Room
 from tests.support.tap import Tap
@@ -228,3 +228,25 @@ async def test_a_room_session_where_livekit_is_not_configured_is_refused_clearly
     errors = {e.stage: e.message for e in tap.of(ev.ErrorEvent)}
     assert "LiveKit is not configured here (LIVEKIT_URL)" in errors["ingress"]
     assert "LiveKit is not configured here (LIVEKIT_URL)" in errors["egress"]
+
+
+async def test_a_room_that_cannot_be_reached_ends_the_session_as_an_error(
+    stack: Stack, bus: Bus, session_id: str
+) -> None:
+    nowhere = {
+        "LIVEKIT_URL": f"ws://127.0.0.1:{free_port()}",
+        "LIVEKIT_API_KEY": KEY,
+        "LIVEKIT_API_SECRET": SECRET,
+        "VB_LIVEKIT_REJOIN_S": "1",
+        "VB_LIVEKIT_JOIN_TIMEOUT": "1",
+    }
+    await stack.wait_ready_async([stack.spawn("ingress", env=nowhere), stack.spawn("egress", env=nowhere)])
+    spec = ev.SessionSpec(
+        session=session_id, source="livekit", source_uri=ROOM, sink="livekit", sink_uri=ROOM
+    )
+    async with Tap(bus, session_id) as tap:
+        await open_session(bus, spec, stages=("ingress", "egress"))
+        (ended,) = await tap.wait(ev.SessionEnded, timeout=30)
+    assert ended.reason == "error"
+    (report,) = [e for e in tap.of(ev.ErrorEvent) if e.stage == "ingress"]
+    assert report.code == "provider" and report.retryable and "could not join room" in report.message

@@ -7,13 +7,19 @@ loopback is enough here).
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import datetime
+import logging
 
 import jwt
 import pytest
 from livekit import api, rtc
 
 from services.livekit.config import LiveKitConfig
+from services.livekit.link import RoomUnreachable
+from services.livekit.listener import CallerListener
+from services.livekit.room import RoomTarget
 from services.livekit.tokens import agent_token, caller_token, listener_token
 from tests.fakes.livekit_sfu import FakeLiveKit, Refused, Room
 
@@ -107,3 +113,19 @@ def test_a_token_the_bridge_mints_passes_the_server_check() -> None:
         caller_token(CFG, ROOM, "a", "", 60),
     ):
         assert room.check(token).identity
+
+
+async def test_neither_the_secret_nor_a_token_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    room = Room(ROOM, KEY, SECRET)
+    wrong = LiveKitConfig(url="", api_key=KEY, api_secret="another-secret-of-32-characters!!!!", rejoin_s=0.5)
+    with caplog.at_level(logging.DEBUG):
+        async with FakeLiveKit(room, "127.0.0.1") as server:
+            cfg = dataclasses.replace(wrong, url=server.url)
+            listener = CallerListener(cfg, "s1", RoomTarget(ROOM), lambda samples, at: asyncio.sleep(0))
+            with pytest.raises(RoomUnreachable) as refused:
+                await asyncio.wait_for(listener.run(), 20)
+            logging.getLogger("voicebus.livekit").info("settings: %r", cfg)
+    assert room.refusals  # the server was asked, and said no
+    logged = "\n".join([str(refused.value), *(r.getMessage() for r in caplog.records)])
+    assert "as listener failed" in logged and "settings: LiveKitConfig(" in logged
+    assert cfg.api_secret not in logged and "eyJ" not in logged  # no secret, no JWT
