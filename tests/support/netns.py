@@ -7,7 +7,8 @@ are up), with a random /30 out of 198.18.0.0/15, the range reserved for network 
 address (``address``) is local to this namespace, so a server bound to it is reachable from every
 process here (stage processes included, which also keeps them on the test's NATS) and libwebrtc
 offers it as a host candidate. IPv6 is off on the pair (no tentative link-local addresses to trip
-over). Everything is removed afterwards. Needs root (CAP_NET_ADMIN), as in the dev container and CI.
+over). Everything is removed afterwards, and what a killed test run left behind is removed the next
+time. Needs root (CAP_NET_ADMIN), as in the dev container and CI.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import random
+import re
 import shutil
 import subprocess
 import uuid
@@ -25,12 +27,24 @@ from pathlib import Path
 RANGE = ipaddress.ip_network("198.18.0.0/15")
 
 
+#: Namespaces made here are named ``vb-lk-<pid>-<tag>``: the pid tells which are left over.
+PREFIX = "vb-lk-"
+
+
 class NetnsUnavailable(RuntimeError):
     """This machine cannot create network namespaces (no ``ip`` tool, or not root)."""
 
 
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+def _remove_stale() -> None:
+    """Remove the namespaces (so their veth pairs) of test processes killed before they cleaned up."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout
+    for match in re.finditer(rf"^({re.escape(PREFIX)}(\d+)-\w+)", listed, flags=re.MULTILINE):
+        if not Path(f"/proc/{match.group(2)}").exists():
+            subprocess.run(["ip", "netns", "del", match.group(1)], capture_output=True, timeout=10)
 
 
 def _disable_ipv6(interface: str, namespace: str = "") -> None:
@@ -45,8 +59,9 @@ def veth_address() -> Iterator[str]:
     """An IPv4 address of a fresh non-loopback interface in this namespace, for the ``with`` block."""
     if shutil.which("ip") is None or os.geteuid() != 0:
         raise NetnsUnavailable("a veth pair needs the ip tool and root")
+    _remove_stale()
     tag = uuid.uuid4().hex[:6]
-    namespace, near, far = f"vb-lk-{tag}", f"vblk{tag}n", f"vblk{tag}f"
+    namespace, near, far = f"{PREFIX}{os.getpid()}-{tag}", f"vblk{tag}n", f"vblk{tag}f"
     base = int(RANGE.network_address) + 4 * random.randrange(RANGE.num_addresses // 4)
     address, peer = str(ipaddress.ip_address(base + 1)), str(ipaddress.ip_address(base + 2))
     try:
