@@ -30,7 +30,8 @@ from services.livekit.listener import CallerListener
 from services.livekit.room import RoomTarget
 from services.tools.stack import free_port
 from tests.fakes.livekit_media import dominant_hz, onsets, rms, tone
-from tests.fakes.livekit_sfu import Caller, FakeLiveKit, Room
+from tests.fakes.livekit_participant import Caller
+from tests.fakes.livekit_sfu import FakeLiveKit, Room
 
 pytestmark = pytest.mark.slow
 

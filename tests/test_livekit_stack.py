@@ -28,7 +28,8 @@ from services.runtime.bus import Bus
 from services.runtime.sessions import end_session, open_session
 from services.tools.stack import Stack, free_port
 from tests.fakes.livekit_media import dominant_hz, onsets, tone
-from tests.fakes.livekit_sfu import Caller, FakeLiveKit, Room
+from tests.fakes.livekit_participant import Caller
+from tests.fakes.livekit_sfu import FakeLiveKit, Room
 from tests.support.tap import Tap
 
 pytestmark = pytest.mark.slow
