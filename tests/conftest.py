@@ -14,6 +14,7 @@ from services.runtime.bus import Bus
 from services.runtime.config import RuntimeConfig, load
 from services.tools.stack import Stack
 from tests.support.nats import ContainerNats, NatsServer, make_server
+from tests.support.netns import NetnsUnavailable, veth_address
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,6 +26,16 @@ def nats_server() -> Iterator[NatsServer | ContainerNats]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def veth_host() -> Iterator[str]:
+    """An address of a non-loopback interface made for a module's tests (libwebrtc ignores loopback)."""
+    try:
+        with veth_address() as address:
+            yield address
+    except NetnsUnavailable as e:
+        pytest.skip(str(e))
 
 
 def runtime_config(url: str, **overrides: object) -> RuntimeConfig:
@@ -58,10 +69,15 @@ def stack(nats_server: NatsServer | ContainerNats, tmp_path: Path) -> Iterator[S
     s.stop(timeout_s=15)
 
 
+#: Clients whose own tasks outlive a test: the NATS client restarts them on reconnect; a LiveKit room's
+#: event task ends when the SDK closes its event stream, a moment after the room is disconnected.
+_THEIRS = (f"{os.sep}nats{os.sep}", f"{os.sep}livekit{os.sep}rtc{os.sep}")
+
+
 def _ours(task: asyncio.Task[object]) -> bool:
-    """Tasks of the code under test, not the NATS client's own (it restarts them on reconnect)."""
+    """Tasks of the code under test, not those of the clients in ``_THEIRS``."""
     code = getattr(task.get_coro(), "cr_code", None)
-    return code is None or f"{os.sep}nats{os.sep}" not in code.co_filename
+    return code is None or not any(part in code.co_filename for part in _THEIRS)
 
 
 @pytest.fixture(autouse=True)

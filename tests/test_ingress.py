@@ -217,7 +217,7 @@ async def test_unplayable_sources_are_reported_and_the_replica_serves_on(
             ev.SessionSpec(session=f"{session_id}-8", source="file", source_uri=str(eight_bit)),
             "8-bit",
         ),
-        "livekit": (ev.SessionSpec(session=f"{session_id}-l", source="livekit"), "not supported"),
+        "livekit": (ev.SessionSpec(session=f"{session_id}-l", source="livekit"), "LiveKit is not configured"),
     }
     for spec, reason in cases.values():
         async with Tap(bus, spec.session) as tap:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from services.livekit.config import LiveKitConfig
 from services.runtime.config import ConfigError, setting, settings_class
 from services.webrtc.config import WebRtcConfig
 
@@ -37,6 +38,9 @@ class EgressConfig:
 
     #: Settings of the WebRTC sink (their own VB_WEBRTC_* table), loaded with these in ``main``.
     webrtc: WebRtcConfig = field(default_factory=WebRtcConfig)
+
+    #: Settings of the LiveKit sink (their own LIVEKIT_* / VB_LIVEKIT_* table), loaded in ``main``.
+    livekit: LiveKitConfig = field(default_factory=LiveKitConfig)
 
     def __post_init__(self) -> None:
         if self.max_late_ms <= 0 or self.stall_s <= 0 or self.checkpoint_s <= 0 or self.report_wait_ms < 0:

@@ -31,6 +31,7 @@ from services.egress.playout import Key, MonotonicClock, Play, Playout, Stop, Ti
 from services.egress.recording import Recording, SessionTime
 from services.egress.reports import Reports
 from services.egress.sinks import BusSink, Sink, UnsupportedSink, make_sink
+from services.livekit.config import LiveKitConfig
 from services.runtime import metrics, service, tracing
 from services.runtime.bus import Delivery
 from services.runtime.config import load
@@ -104,7 +105,7 @@ class EgressWorker(SessionWorker[EgressState]):
                 self.recording.resume_after(state.caller_seq)
         resume = ctx.how != "queue"
         try:
-            self.sink = make_sink(ctx, self.cfg.webrtc)
+            self.sink = make_sink(ctx, self.cfg)
             await self.sink.open(resume)
         except (UnsupportedSink, OSError) as e:
             self.sink = BusSink(ctx)
@@ -184,7 +185,8 @@ class EgressWorker(SessionWorker[EgressState]):
             )
 
     async def on_event(self, event: ev.Event, delivery: Delivery) -> None:
-        """Control: cut replies (Cancel, Interrupt) and end the call."""
+        """Control: cut replies (Cancel, Interrupt) and end the call; the sink sees every event."""
+        self.sink.on_event(event)
         match event:
             case ev.Cancel(turn=turn, generation=generation):
                 await self._cut(self.timeline.cancel(turn, generation), event, "Cancel", generation)
@@ -377,7 +379,7 @@ class EgressWorker(SessionWorker[EgressState]):
 
 def main() -> int:
     """Run one egress replica."""
-    cfg = load(EgressConfig, webrtc=load(WebRtcConfig))
+    cfg = load(EgressConfig, webrtc=load(WebRtcConfig), livekit=load(LiveKitConfig))
     if cfg.webrtc.host_addresses:
         use_host_addresses(cfg.webrtc.host_addresses)
     return service.run("egress", lambda ctx: EgressWorker(ctx, cfg), state_type=EgressState)

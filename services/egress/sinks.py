@@ -2,8 +2,10 @@
 
 The playout hands a sink each frame at the moment it is due, so a sink does not pace or queue: it
 passes the frame on (``bus``: the edge's speaker on ``media.out``) or keeps it where it was heard
-(``file``: a WAV of the agent's track). Edges that buffer audio themselves (a LiveKit
-``AudioSource``, a WebRTC track) implement ``flush`` to drop what they hold when a reply is cut.
+(``file``: a WAV of the agent's track), or sends it into a room (``livekit``: the agent's voice track).
+Edges that buffer audio themselves (a LiveKit ``AudioSource``, a WebRTC track) implement ``flush`` to
+drop what they hold when a reply is cut; edges that show the conversation (captions, the agent's
+state) follow its events in ``on_event``.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from typing import Any
 
 from proto import events as ev
 from proto import subjects as sj
+from services.egress.config import EgressConfig
 from services.egress.recording import WavTrack
 from services.runtime.service import SessionContext
-from services.webrtc.config import WebRtcConfig
 
 
 class UnsupportedSink(ValueError):
@@ -38,6 +40,9 @@ class Sink(abc.ABC):
 
     async def persist(self, final: bool = False) -> None:
         """Make what has played durable (``final``: the call is over)."""
+
+    def on_event(self, event: ev.Event) -> None:
+        """A conversation event of the session (transcripts, turns, playout), in stream order."""
 
 
 class BusSink(Sink):
@@ -66,7 +71,7 @@ class FileSink(Sink):
         await self.track.persist(final)
 
 
-def make_sink(ctx: SessionContext[Any], webrtc: WebRtcConfig) -> Sink:
+def make_sink(ctx: SessionContext[Any], cfg: EgressConfig) -> Sink:
     """The sink the session's spec names."""
     spec = ctx.spec
     match spec.sink:
@@ -75,9 +80,15 @@ def make_sink(ctx: SessionContext[Any], webrtc: WebRtcConfig) -> Sink:
         case "webrtc":
             from services.egress.webrtc import WebRtcSink  # aiortc only where a session needs it
 
-            return WebRtcSink(ctx, webrtc)
+            return WebRtcSink(ctx, cfg.webrtc)
         case "file" if spec.sink_uri:
             return FileSink(Path(spec.sink_uri), spec.output_rate)
         case "file":
             raise UnsupportedSink("the file sink needs the WAV path in sink_uri")
-    raise UnsupportedSink(f"sink {spec.sink!r} is not served by this egress yet (bus, file and webrtc are)")
+        case "livekit":
+            from services.egress.livekit import LiveKitSink  # the rtc SDK only where a session needs it
+
+            return LiveKitSink(ctx, cfg.livekit)
+    raise UnsupportedSink(
+        f"sink {spec.sink!r} is not served by this egress (bus, file, webrtc and livekit are)"
+    )

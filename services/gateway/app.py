@@ -30,6 +30,7 @@ from proto.system import MAX_SDP
 from services.gateway import events
 from services.gateway.auth import Keys, session_token
 from services.gateway.config import GatewayConfig
+from services.gateway.livekit import LiveKitRoutes
 from services.gateway.relay import NoOwner, OfferRefused, relay_offer
 from services.runtime.bus import Bus
 from services.runtime.sessions import SessionOpenError, end_session, open_session
@@ -71,6 +72,13 @@ class Gateway:
         app.router.add_get("/sessions/{session}/events", self.events)
         app.router.add_post("/whip/{session}", self.whip)
         app.router.add_post("/whep/{session}", self.whep)
+        LiveKitRoutes(
+            self.bus,
+            self.cfg.livekit,
+            self.keys.app_key,
+            open_timeout_s=self.cfg.open_timeout_s,
+            greeting=self.cfg.greeting,
+        ).register(app)
         app.on_shutdown.append(self._shutdown)
         return app
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from services.livekit.config import LiveKitConfig
 from services.runtime.config import ConfigError, setting, settings_class
 
 
@@ -39,6 +40,9 @@ class GatewayConfig:
         "What the agent says first in sessions the gateway opens (empty: the caller speaks first; the "
         "greeting starts playing before the page's audio is connected, so its first words may be lost).",
     )
+
+    #: Settings of the LiveKit routes (their own LIVEKIT_* / VB_LIVEKIT_* table), loaded in ``main``.
+    livekit: LiveKitConfig = field(default_factory=LiveKitConfig)
 
     def __post_init__(self) -> None:
         if self.signal_timeout_s <= 0 or self.open_timeout_s <= 0:

@@ -18,6 +18,7 @@ from aiohttp import web
 from proto import subjects as sj
 from services.gateway.app import Gateway
 from services.gateway.config import GatewayConfig
+from services.livekit.config import LiveKitConfig
 from services.runtime import health, log
 from services.runtime.bus import Bus
 from services.runtime.config import ConfigError, RuntimeConfig, load
@@ -70,7 +71,7 @@ def main() -> int:
     """Run one gateway replica."""
     try:
         runtime = load(RuntimeConfig)
-        cfg = load(GatewayConfig)
+        cfg = load(GatewayConfig, livekit=load(LiveKitConfig))
     except ConfigError as e:
         print(f"gateway: {e}", file=sys.stderr)
         return 2

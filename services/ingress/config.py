@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from services.livekit.config import LiveKitConfig
 from services.runtime.config import ConfigError, setting, settings_class
 from services.webrtc.config import WebRtcConfig
 
@@ -57,6 +58,9 @@ class IngressConfig:
 
     #: Settings of the WebRTC source (their own VB_WEBRTC_* table), loaded with these in ``main``.
     webrtc: WebRtcConfig = field(default_factory=WebRtcConfig)
+
+    #: Settings of the LiveKit source (their own LIVEKIT_* / VB_LIVEKIT_* table), loaded in ``main``.
+    livekit: LiveKitConfig = field(default_factory=LiveKitConfig)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:

@@ -20,6 +20,7 @@ from services.ingress.config import IngressConfig
 from services.ingress.sources import SOURCES
 from services.ingress.stream import CallerStream
 from services.ingress.vad import SileroVad, VadModelError
+from services.livekit.config import LiveKitConfig
 from services.runtime import service
 from services.runtime.bus import Delivery
 from services.runtime.config import ConfigError, load
@@ -99,7 +100,7 @@ class IngressWorker(service.SessionWorker[IngressState]):
 def main() -> int:
     """Run one ingress replica; the VAD model is loaded before the replica says it is ready."""
     try:
-        cfg = load(IngressConfig, webrtc=load(WebRtcConfig))
+        cfg = load(IngressConfig, webrtc=load(WebRtcConfig), livekit=load(LiveKitConfig))
         model = SileroVad.load(cfg.vad_model)
     except (ConfigError, VadModelError) as e:
         print(f"ingress: {e}", file=sys.stderr)

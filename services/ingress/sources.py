@@ -138,8 +138,16 @@ def _webrtc(ctx: SessionContext[Any], cfg: IngressConfig, deliver: Deliver) -> C
     return WebRtcSource(ctx, cfg, deliver)
 
 
+def _livekit(ctx: SessionContext[Any], cfg: IngressConfig, deliver: Deliver) -> CallerSource:
+    """The caller's microphone in a LiveKit room (the rtc SDK is loaded only by replicas that serve one)."""
+    from services.ingress.livekit import LiveKitSource
+
+    return LiveKitSource(ctx, cfg, deliver)
+
+
 SOURCES: dict[str, Callable[[SessionContext[Any], IngressConfig, Deliver], CallerSource]] = {
     "bus": BusSource,
     "file": FileSource,
     "webrtc": _webrtc,
+    "livekit": _livekit,
 }
