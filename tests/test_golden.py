@@ -41,7 +41,7 @@ def test_there_are_golden_recordings() -> None:
 
 @pytest.mark.parametrize("path", RECORDINGS, ids=lambda p: p.stem)
 async def test_a_recorded_session_replays_the_same(golden_stack: Stack, bus: Bus, path: Path) -> None:
-    result = await replay.replay(bus, replay.load(path), speed=SPEED)
+    result = await replay.replay(bus, replay.load(path), speed=SPEED, settle_s=120)
     assert result.same, replay.report(result)
     assert len(result.replayed) == len(result.recorded) >= 2
 
@@ -56,7 +56,9 @@ async def test_a_changed_reply_makes_the_replay_differ(golden_stack: Stack, bus:
     replacement = golden_stack.spawn("dialogue", env=golden.stack_env(changed))
     try:
         await golden_stack.wait_ready_async([replacement])
-        result = await replay.replay(bus, replay.load(golden.DIR / "booking.vbrec"), speed=SPEED)
+        result = await replay.replay(
+            bus, replay.load(golden.DIR / "booking.vbrec"), speed=SPEED, settle_s=120
+        )
     finally:
         golden_stack.kill(replacement)
         await golden_stack.wait_ready_async([golden_stack.spawn("dialogue", env=golden.stack_env())])

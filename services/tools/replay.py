@@ -130,7 +130,7 @@ def compare(recorded: list[TurnOutcome], replayed: list[TurnOutcome]) -> Compari
     return result
 
 
-async def replay(bus: Bus, recording: Recording, *, speed: float = 1.0, settle_s: float = 20.0) -> Comparison:
+async def replay(bus: Bus, recording: Recording, *, speed: float = 1.0, settle_s: float = 60.0) -> Comparison:
     """Feed the recording's caller audio into a new session; compare what the services make of it."""
     from services.tools.caller import VirtualCaller
 
