@@ -8,6 +8,8 @@ from ``window.voicebus``; latencies are printed, not asserted.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import shutil
 import subprocess
@@ -61,23 +63,27 @@ def caller_wav(path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-async def system(stack: Stack, tmp_path: Path) -> AsyncIterator[str]:
-    """All five stages and a gateway; yields the page's URL."""
-    script = tmp_path / "script.json"
-    script.write_text(json.dumps([{"match": "weather", "reply": ANSWER}]))
-    env = {
+async def serve_page(stack: Stack, script: Path, replies: dict[str, str]) -> str:
+    """All five stages and a gateway, the LLM answering by ``replies``; returns the page's URL."""
+    lines = json.dumps([{"match": match, "reply": reply} for match, reply in replies.items()])
+    await asyncio.to_thread(script.write_text, lines)
+    stack.env = {
+        **stack.env,
         "VB_WEBRTC_HOST_ADDRESSES": "127.0.0.1",
         "VB_LLM_ENGINE": "scripted",
         "VB_LLM_SCRIPT": str(script),
         "VB_TTS_ENGINE": "flite",
     }
-    stack.env = {**stack.env, **env}
     port = free_port()
     processes = [stack.spawn(stage) for stage in ev.STAGES]
     processes.append(stack.spawn("gateway", env={"VB_GATEWAY_PORT": str(port)}))
     await stack.wait_ready_async(processes, timeout_s=120)
-    yield f"http://127.0.0.1:{port}/"
+    return f"http://127.0.0.1:{port}/"
+
+
+@pytest.fixture
+async def system(stack: Stack, tmp_path: Path) -> str:
+    return await serve_page(stack, tmp_path / "script.json", {"weather": ANSWER})
 
 
 @pytest.fixture
@@ -175,4 +181,92 @@ async def test_talking_to_the_agent_from_the_page(system: str, browser: Any, bus
         f"\nbrowser: connection times (ms) {legs}; TTFA {ttfa_ms} ms; the agent's first sound heard in the "
         f"page {(heard_at - played_at) * 1000:.0f} ms after the egress played it (receiving side: "
         f"{received}); turn 1 marks, ms after the caller stopped: {phases}"
+    )
+
+
+LONG_ANSWER = (
+    "It is sunny and warm today, with a light breeze from the west. In the afternoon a few clouds may "
+    "drift in from the sea, but no rain is expected before the evening. Tonight stays mild, and the "
+    "wind drops after sunset, so it is a good evening for a walk by the river."
+)
+INTERRUPTION = "Stop, what about tomorrow?"
+NEXT_ANSWER = "Tomorrow brings rain in the morning."
+
+#: Replaces the page's microphone with a stream the test speaks into on cue (``window.say(base64 wav)``),
+#: so the caller can talk over the agent while it speaks, whatever the machine's speed. The audio still
+#: goes through the browser's WebRTC stack to the ingress as it would from a microphone.
+MICROPHONE_ON_CUE = """(() => {
+  navigator.mediaDevices.getUserMedia = async () => {
+    const context = new AudioContext({ sampleRate: 48000 });
+    const line = context.createMediaStreamDestination();
+    const silence = context.createConstantSource(); // a microphone never stops sending, even in silence
+    silence.offset.value = 0;
+    silence.connect(line);
+    silence.start();
+    window.say = async (b64) => {
+      const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+      const buffer = await context.decodeAudioData(bytes.buffer);
+      const source = context.createBufferSource();
+      source.buffer = buffer;
+      source.connect(line);
+      source.start();
+      return Date.now();
+    };
+    return line.stream;
+  };
+})()"""
+
+
+def spoken_b64(text: str, path: Path) -> str:
+    subprocess.run(["flite", "-voice", "slt", "-t", text, "-o", str(path)], check=True)
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+@pytest.mark.slow
+async def test_speaking_over_the_agent_stops_its_audio(stack: Stack, tmp_path: Path, bus: Bus) -> None:
+    url = await serve_page(stack, tmp_path / "script.json", {"weather": LONG_ANSWER, "tomorrow": NEXT_ANSWER})
+    question = await asyncio.to_thread(spoken_b64, QUESTION, tmp_path / "question.wav")
+    interruption = await asyncio.to_thread(spoken_b64, INTERRUPTION, tmp_path / "interruption.wav")
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = await browser.new_page()
+        await page.add_init_script(MICROPHONE_ON_CUE)
+        await page.goto(url)
+        await page.click("#talk")
+        await page.wait_for_function(
+            "window.voicebus.legs.mic?.connected && window.voicebus.legs.speaker?.connected"
+        )
+        session = await value(page, "window.voicebus.session.session")
+        async with Tap(bus, session) as tap:
+            await page.evaluate(f"window.say('{question}')")
+            # the agent is well into its long answer, and the page hears it
+            await page.wait_for_function("window.voicebus.levels.agent.loudMs >= 1500", timeout=90_000)
+            spoke_at_ms = await page.evaluate(f"window.say('{interruption}')")
+            stopped = await tap.wait(ev.PlayoutStopped, where=lambda s: s.turn == 1, timeout=30)
+            await page.wait_for_function(captioned("caller", "tomorrow"), timeout=60_000)
+            await page.wait_for_function(captioned("agent", "rain in the morning"), timeout=60_000)
+            marks = await tap.wait(
+                ev.TurnMark, where=lambda m: m.turn == 2 and m.mark == "first_audio_out", timeout=30
+            )
+            agent = await value(page, "window.voicebus.levels.agent.history")
+            unheard = await value(page, "document.querySelector('.bubble.agent .unheard')?.textContent ?? ''")
+            paused = tap.of(ev.PlayoutPaused, where=lambda e: e.turn == 1)
+        await browser.close()
+    cut = stopped[0]
+    # the first reply was cut where the caller spoke: only a beginning of it was heard, the rest dropped
+    assert not cut.completed
+    assert cut.heard_text and LONG_ANSWER.startswith(cut.heard_text.rstrip(" ,."))
+    assert len(cut.heard_text) < len(LONG_ANSWER) // 2
+    assert unheard.strip() and LONG_ANSWER.endswith(unheard.strip())
+    # once the egress stopped the old reply, the page heard nothing more of it: silence until the next one
+    # (the margin covers the network and the page's jitter buffer, a few tens of ms here)
+    silenced_ms = min([cut.ts, *(e.ts for e in paused)]) / 1e6
+    next_reply_ms = marks[0].at_ns / 1e6
+    tail = [level for t, level in agent if silenced_ms + 500 <= t < next_reply_ms]
+    assert tail and max(tail) <= LOUD, "the cut reply went on playing in the page"
+    quiet_at = next(t for t, level in agent if t >= spoke_at_ms and level <= LOUD)
+    print(
+        f"\nbrowser barge-in: the egress silenced the agent {silenced_ms - spoke_at_ms:.0f} ms and the page "
+        f"heard it go quiet {quiet_at - spoke_at_ms} ms after the caller began to speak (flite's lead-in "
+        f"included); heard {len(cut.heard_text)} of {len(LONG_ANSWER)} characters"
     )
