@@ -71,19 +71,28 @@ class Backchannels:
     def of(cls, phrases: tuple[str, ...]) -> Backchannels:
         return cls(frozenset(t for p in phrases if (t := "".join(_token(w) for w in p.split()))))
 
-    def _covers(self, joined: str) -> bool:
-        """Whether ``joined`` is a run of backchannels (word break: "uh huh" and "uh-huh" alike)."""
+    def _covers(self, joined: str, *, partial: bool) -> bool:
+        """Whether ``joined`` is a run of backchannels (word break: "uh huh" and "uh-huh" alike).
+
+        ``partial``: the STT may still be writing the last one ("uh" on the way to "uh-huh").
+        """
         ends = [True] + [False] * len(joined)
         for i in range(1, len(joined) + 1):
             ends[i] = any(ends[i - len(w)] and joined.endswith(w, 0, i) for w in self.words if len(w) <= i)
-        return ends[-1]
+        if ends[-1]:
+            return True
+        return partial and any(
+            ends[i] and any(w.startswith(joined[i:]) for w in self.words) for i in range(len(joined))
+        )
 
-    def classify(self, text: str) -> tuple[Literal["none", "backchannel", "words"], int]:
+    def classify(
+        self, text: str, *, final: bool = True
+    ) -> tuple[Literal["none", "backchannel", "words"], int]:
         """What a transcript holds, and how many of its words are not backchannels."""
         tokens = [t for w in text.split() if (t := _token(w))]
         if not tokens:
             return "none", 0
-        if self._covers("".join(tokens)):
+        if self._covers("".join(tokens), partial=not final):
             return "backchannel", 0
         return "words", sum(1 for t in tokens if t not in self.words)
 
@@ -214,7 +223,7 @@ class BargeIn:
         if (pause := self.pause) is None:
             return
         speech = pause.speech
-        kind, words = self.policy.backchannels.classify(speech.text)
+        kind, words = self.policy.backchannels.classify(speech.text, final=speech.final)
         if self.policy.min_words and words >= self.policy.min_words:
             self._decide("interrupted", f"{words} words")
         elif speech.final and speech.stopped is not None and kind != "words":
@@ -240,7 +249,8 @@ class BargeIn:
         if self.pause is None:
             return
         self.pause.timer = None
-        if self.policy.backchannels.classify(self.pause.speech.text)[0] == "backchannel":
+        speech = self.pause.speech
+        if self.policy.backchannels.classify(speech.text, final=speech.final)[0] == "backchannel":
             return  # a long "mm-hmm": wait for its end and final transcript
         self._decide("interrupted", "long speech")
 
