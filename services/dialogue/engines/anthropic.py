@@ -30,8 +30,8 @@ from anthropic.types import (
 )
 from anthropic.types import TextDelta as ApiTextDelta
 
-from services.dialogue.engines.base import LlmDelta, LlmEngine, LlmRequest, TextDelta, ToolCall, Usage
 from services.dialogue.config import DialogueConfig
+from services.dialogue.engines.base import LlmDelta, LlmEngine, LlmRequest, TextDelta, ToolCall, Usage
 from services.runtime.config import ConfigError, load, setting, settings_class
 from services.runtime.resilience import (
     ProviderError,
