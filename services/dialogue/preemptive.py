@@ -39,11 +39,14 @@ class Prefetch:
     ) -> None:
         self.turn, self.text = turn, text
         self._buffer: asyncio.Queue[LlmDelta | Exception | None] = asyncio.Queue()
+        self._stopped = False
         self._task = ctx.spawn(self._pump(stream), f"preempt:{turn}")
 
     async def _pump(self, stream: AsyncIterator[LlmDelta]) -> None:
         try:
             async for delta in stream:
+                if self._stopped:  # the task's cancel can be lost in the engine's wait_for (Python 3.11)
+                    return
                 self._buffer.put_nowait(delta)
             self._buffer.put_nowait(None)
         except Exception as e:  # handed to the reply, which reports it as it would its own
@@ -70,5 +73,6 @@ class Prefetch:
         await self._stop()
 
     async def _stop(self) -> None:
+        self._stopped = True
         self._task.cancel()
         await asyncio.wait({self._task})
