@@ -15,6 +15,7 @@ import contextlib
 import time
 import wave
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -200,6 +201,15 @@ class VirtualCaller:
         async with self._changed:
             await self._changed.wait_for(lambda: len(self._utterance_ends) > before)
         return self._utterance_ends[before]
+
+    async def until(self, condition: Callable[[], bool], *, timeout_s: float = 20.0) -> bool:
+        """Wait until ``condition`` (of what was heard and seen) holds; False when ``timeout_s`` passed."""
+        try:
+            async with self._changed:
+                await asyncio.wait_for(self._changed.wait_for(condition), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     async def settle(self, turns: int, *, timeout_s: float = 20.0, idle_s: float = 0.4) -> bool:
         """Wait until ``turns`` caller turns ended and each reply played out, then ``idle_s`` of quiet.
