@@ -219,6 +219,27 @@ async def test_an_interruption_closes_the_llm_stream_at_the_provider(
         assert all(e.turn == interrupt.turn == 1 for e in missed)
 
 
+async def test_speech_that_goes_on_interrupts_before_any_words_and_a_missed_ack_is_reported(
+    stack: Stack, bus: Bus, session_id: str, tmp_path: Path
+) -> None:
+    await start_dialogue(stack, tmp_path, VB_BARGEIN_MIN_SPEECH_MS="200", VB_BARGEIN_ACK_TIMEOUT_MS="300")
+    await open_session(bus, ev.SessionSpec(session=session_id), stages=("dialogue",))
+    async with Tap(bus, session_id) as tap:
+        await bus.publish(sj.TURN, user_turn(session_id, 1, "How is the weather?"))
+        await reply_to(tap, 1)
+        # the egress's side: the reply plays, the caller speaks over it (no words yet), playout pauses
+        await bus.publish(sj.PLAYOUT, ev.PlayoutStarted(session=session_id, turn=1))
+        speech = await bus.publish(sj.SPEECH, started(session_id, 0, 10_000))
+        await bus.publish(sj.PLAYOUT, ev.PlayoutPaused(session=session_id, turn=1, played_ms=400))
+        (interrupt,) = await tap.wait(ev.Interrupt)
+        missed = await tap.wait(ev.ErrorEvent, lambda e: e.code == "ack_timeout", count=2)
+
+    assert interrupt.turn == 1
+    assert (interrupt.ts - speech.ts) / 1e6 >= 200  # the speech had to last VB_BARGEIN_MIN_SPEECH_MS
+    assert not tap.of(ev.Transcript)
+    assert sorted(e.message.split()[0] for e in missed) == ["egress", "tts"]
+
+
 @pytest.mark.parametrize(
     ("text", "kind", "words"),
     [

@@ -93,9 +93,13 @@ class DialogueWorker(service.SessionWorker[DialogueState]):
                 self.bargein.on_event(event, delivery)
                 if event.is_final and self.cfg.preemptive:
                     await self._preempt(event)
-            case ev.SpeechStopped() | ev.PlayoutStarted() | ev.PlayoutPaused() | ev.PlayoutResumed():
-                self.bargein.on_event(event, delivery)
-            case ev.ControlAck():
+            case (
+                ev.SpeechStopped()
+                | ev.PlayoutStarted()
+                | ev.PlayoutPaused()
+                | ev.PlayoutResumed()
+                | ev.ControlAck()
+            ):
                 self.bargein.on_event(event, delivery)
             case ev.PlayoutStopped():
                 self.bargein.on_event(event, delivery)

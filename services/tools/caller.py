@@ -113,6 +113,8 @@ class VirtualCaller:
         self.frame_s = ev.FRAME_MS / 1000 / spec.speed
         self.heard: list[HeardFrame] = []
         self.events: list[ev.Event] = []
+        #: When each of ``events`` arrived (wall ns), for measuring signals as the caller's side saw them.
+        self.arrived_ns: list[int] = []
         self._script: deque[tuple[bytes, bool]] = deque()  # (frame, ends an utterance)
         self._utterance_ends: list[int] = []  # wall ns at which each utterance's last frame was fed
         self._frames_fed = 0
@@ -249,10 +251,12 @@ class VirtualCaller:
                 self._changed.notify_all()
 
     async def _on_event(self, msg: Msg) -> None:
+        at = time.time_ns()
         try:
             self.events.append(codec.decode(msg.subject, msg.data))
         except codec.ContractError:
             return
+        self.arrived_ns.append(at)
         async with self._changed:
             self._changed.notify_all()
 

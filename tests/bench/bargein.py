@@ -8,7 +8,7 @@ measured from the barge-in's first speech frame fed:
 - audible stop: the old reply stops on the virtual speaker (frames scheduled at max(arrival, end of
   the previous frame); a flush signal drops what has not played);
 - flush signal: the egress's first report that it stopped the old reply (``PlayoutPaused``, or
-  ``PlayoutStopped`` cut), at the time the egress stamped it;
+  ``PlayoutStopped`` cut), when it reached the caller's side;
 - last old frame: the last frame of the old reply that reached the speaker;
 - rest dropped: nothing of the old reply played after its audible stop and its playout was cut;
 - TTFA of the reply to the barge-in: its first audible frame - the barge-in's last speech frame fed.
@@ -18,6 +18,7 @@ Run with the TTS at real time and at 4x (``VB_TTS_BENCH_SPEED``: audio queued ah
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import numpy as np
@@ -26,6 +27,7 @@ from proto import events as ev
 from services.runtime.bus import Bus
 from services.runtime.config import RuntimeConfig, load
 from services.tools.caller import VirtualCaller, read_wav_16k
+from tests.bench import report
 from tests.bench.turn import BENCH_ENV, UTTERANCE, on_stack
 
 FRAME_NS = ev.FRAME_MS * 1_000_000
@@ -63,9 +65,9 @@ async def trial(caller: VirtualCaller, pcm: bytes, turns: int) -> dict[str, floa
         return None
     flush = min(
         (
-            e.ts
-            for e in caller.events
-            if isinstance(e, ev.PlayoutPaused | ev.PlayoutStopped) and e.turn == old and e.ts > first_fed
+            at
+            for e, at in zip(caller.events, caller.arrived_ns, strict=True)
+            if isinstance(e, ev.PlayoutPaused | ev.PlayoutStopped) and e.turn == old and at > first_fed
         ),
         default=None,
     )
@@ -118,7 +120,10 @@ def summarize(results: list[dict[str, float] | None]) -> dict[str, float]:
 
 
 def run_bargein(runs: int, tts_speed: float) -> list[dict[str, float]]:
-    """``runs`` fresh stacks, one session of ``TRIALS`` barge-ins each."""
+    """``runs`` fresh stacks, one session of ``TRIALS`` barge-ins each; every trial is kept as well."""
     pcm = read_wav_16k(UTTERANCE)
     env = BENCH_ENV | {"VB_TTS_BENCH_SPEED": str(tts_speed)}
-    return [summarize(on_stack(env, lambda url: session(url, pcm, TRIALS))) for _ in range(runs)]
+    trials = [on_stack(env, lambda url: session(url, pcm, TRIALS)) for _ in range(runs)]
+    report.OUT.mkdir(parents=True, exist_ok=True)
+    (report.OUT / f"barge-in-{tts_speed:g}x-trials.json").write_text(json.dumps(trials, indent=1))
+    return [summarize(run) for run in trials]
