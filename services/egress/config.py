@@ -30,6 +30,18 @@ class EgressConfig:
         0.5,
         "Seconds between checkpoints of the playout position and writes of the WAV sink and recording.",
     )
+    pause_on_speech: bool = setting(
+        "VB_EGRESS_PAUSE_ON_SPEECH",
+        True,
+        "Pause the agent's reply the moment the caller starts speaking over it (the VAD's SpeechStarted, "
+        "after VB_INGRESS_MIN_SPEECH_MS of speech); the dialogue then interrupts or resumes it.",
+    )
+    pause_max_s: float = setting(
+        "VB_EGRESS_PAUSE_MAX_S",
+        5.0,
+        "Longest pause without the dialogue's Interrupt or Resume; then playout resumes on its own "
+        "(a reply is never left held by a decision that does not come).",
+    )
     report_wait_ms: float = setting(
         "VB_EGRESS_REPORT_WAIT_MS",
         100.0,
@@ -43,5 +55,11 @@ class EgressConfig:
     livekit: LiveKitConfig = field(default_factory=LiveKitConfig)
 
     def __post_init__(self) -> None:
-        if self.max_late_ms <= 0 or self.stall_s <= 0 or self.checkpoint_s <= 0 or self.report_wait_ms < 0:
+        if (
+            self.max_late_ms <= 0
+            or self.stall_s <= 0
+            or self.checkpoint_s <= 0
+            or self.report_wait_ms < 0
+            or self.pause_max_s <= 0
+        ):
             raise ConfigError("VB_EGRESS_* durations must be positive")

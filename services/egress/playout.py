@@ -186,19 +186,26 @@ class Timeline:
             for r in sorted(self.replies.values(), key=lambda r: r.key)
         ]
 
-    def pause(self, now: float) -> None:
-        """Hold output; what is queued stays queued."""
-        if self.paused_at is None:
-            self.paused_at = now
+    def pause(self, now: float) -> Reply | None:
+        """Hold output (the caller started speaking); returns the reply held, None if none or already."""
+        reply = self.current()
+        if reply is None or self.paused_at is not None:
+            return None
+        self.paused_at = now
+        return reply
 
-    def resume(self, now: float) -> None:
-        """Carry on from where output stopped: the rest of the schedule moves by the pause."""
+    def resume(self, now: float) -> Reply | None:
+        """Carry on from where output stopped: the rest of the schedule moves by the pause.
+
+        Returns the reply that goes on (None when output was not paused or nothing is left).
+        """
         if self.paused_at is None:
-            return
+            return None
         self.paused_at = None
         self.end_at = max(self.end_at, now)
         for reply in self.replies.values():
             reply.last_activity = max(reply.last_activity, now)
+        return self.current()
 
     def played_ms(self, turn: int, generation: int | None = None) -> int:
         """How much of a reply has played (its newest generation when none is given)."""

@@ -2,10 +2,14 @@
 
 Per session: the TTS's frames (``audio.out``) go onto the playout timeline; one pacing task hands each
 frame to the session's sink when it is due; ``PlayoutStarted``/``PlayoutStopped`` tell the dialogue
-what was heard. ``Cancel``/``Interrupt`` cut a reply at once and are acknowledged with what had
-played. With ``recording_path`` set, the caller's audio (``audio.in``) and the played frames are
-written as a stereo WAV. A keeper task makes the playout durable every ``VB_EGRESS_CHECKPOINT_S`` and
-when a reply is over: the WAV files, then a checkpoint from which a successor plays on.
+what was heard. The moment the caller starts speaking over a reply (``SpeechStarted``) the playout
+pauses and says so (``PlayoutPaused``): the fast half of a barge-in, which needs no round trip to the
+dialogue. The dialogue then decides: ``Resume`` (a cough, a backchannel) plays on from the pause,
+``Interrupt`` cuts the reply and drops everything queued of it. ``Cancel``/``Interrupt`` cut a reply at
+once and are acknowledged with what had played. With ``recording_path`` set, the caller's audio
+(``audio.in``) and the played frames are written as a stereo WAV. A keeper task makes the playout
+durable every ``VB_EGRESS_CHECKPOINT_S`` and when a reply is over: the WAV files, then a checkpoint
+from which a successor plays on.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from proto import subjects as sj
 from proto.events import FRAME_MS
 from proto.state import EgressState
 from services.egress.config import EgressConfig
-from services.egress.playout import Key, MonotonicClock, Play, Playout, Stop, Timeline
+from services.egress.playout import Key, MonotonicClock, Play, Playout, Reply, Stop, Timeline
 from services.egress.recording import Recording, SessionTime
 from services.egress.reports import Reports
 from services.egress.sinks import BusSink, Sink, UnsupportedSink, make_sink
@@ -54,6 +58,11 @@ pacing_lateness = Histogram(
     "vb_egress_pacing_lateness_seconds",
     "How much later than its place on the timeline a frame was handed to the sink",
     buckets=(0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1),
+)
+bargein_latency = Histogram(
+    "vb_bargein_latency_seconds",
+    "Barge-in: the caller's first speech (VAD onset) -> the agent's audio paused at the egress",
+    buckets=(0.05, 0.075, 0.1, 0.12, 0.15, 0.2, 0.3, 0.5, 1.0),
 )
 #: How long SessionEnded waits for the caller's last frames to reach the recording.
 CALLER_CATCH_UP_S = 2.0
@@ -88,6 +97,7 @@ class EgressWorker(SessionWorker[EgressState]):
         self._quiet = asyncio.Event()  # no reply in flight
         self._caller_seen = asyncio.Event()
         self._pacing: list[asyncio.Task[None]] = []
+        self._pause_guard: asyncio.Task[None] | None = None
         self._ended = False
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -192,8 +202,74 @@ class EgressWorker(SessionWorker[EgressState]):
                 await self._cut(self.timeline.cancel(turn, generation), event, "Cancel", generation)
             case ev.Interrupt(turn=turn):
                 await self._cut(self.timeline.interrupt(turn), event, "Interrupt", None)
+                self._unpause()  # the barge-in is decided: later replies play
+                self.reports.send(functools.partial(self.ctx.mark, turn, "barge_in_stopped"))
+            case ev.SpeechStarted() if self.cfg.pause_on_speech:
+                await self._pause(event)
+            case ev.Resume():
+                await self._resume(event)
             case ev.SessionEnded():
                 await self._end(event)
+
+    async def _pause(self, speech: ev.SpeechStarted) -> None:
+        """The caller started speaking over a reply: hold it now (the fast stop), tell the dialogue."""
+        paused_ns = time.time_ns()
+        reply = self.timeline.pause(self.clock.now())
+        if reply is None:
+            return  # the agent is not speaking: nothing to stop
+        await self.sink.flush()
+        onset_ns = speech_onset_ns(speech, self.ctx.spec.speed)
+        latency_s = (paused_ns - onset_ns) / 1e9
+        bargein_latency.observe(latency_s)
+        if (span := self._spans.get(reply.key)) is not None:
+            span.add_event("paused", {"played_ms": reply.played_ms, "bargein_latency_ms": latency_s * 1000})
+        paused = ev.PlayoutPaused(
+            session=self.ctx.session, turn=reply.turn, generation=reply.generation, played_ms=reply.played_ms
+        )
+        self.reports.send(functools.partial(self.ctx.publish, sj.PLAYOUT, paused))
+        self.reports.send(functools.partial(self.ctx.mark, reply.turn, "barge_in_speech", onset_ns))
+        self.reports.send(functools.partial(self.ctx.mark, reply.turn, "barge_in_paused", paused_ns))
+        self._pause_guard = self.ctx.spawn(self._pause_timeout(), "pause-guard")
+
+    async def _pause_timeout(self) -> None:
+        """No decision came for the pause: play on rather than hold the reply forever."""
+        await asyncio.sleep(self.cfg.pause_max_s)
+        logger.warning("no barge-in decision %gs after a pause; resuming", self.cfg.pause_max_s)
+        self._pause_guard = None
+        await self._resume(None)
+
+    async def _resume(self, event: ev.Resume | None) -> None:
+        """A false alarm (noise, a backchannel): the held reply plays on from where it paused."""
+        reply = self._unpause()
+        if reply is not None:
+            resumed = ev.PlayoutResumed(
+                session=self.ctx.session,
+                turn=reply.turn,
+                generation=reply.generation,
+                played_ms=reply.played_ms,
+            )
+            self.reports.send(functools.partial(self.ctx.publish, sj.PLAYOUT, resumed))
+            if (span := self._spans.get(reply.key)) is not None:
+                span.add_event("resumed", {"played_ms": reply.played_ms})
+        if event is not None:
+            ack = ev.ControlAck(
+                session=self.ctx.session,
+                stage="egress",
+                replica=self.ctx.bus.replica,
+                acked="Resume",
+                turn=event.turn,
+                acked_seq=event.seq,
+                played_ms=self.timeline.played_ms(event.turn),
+            )
+            self.reports.send(functools.partial(self.ctx.publish, sj.CONTROL, ack))
+
+    def _unpause(self) -> Reply | None:
+        if self._pause_guard is not None:
+            self._pause_guard.cancel()
+            self._pause_guard = None
+        reply = self.timeline.resume(self.clock.now())
+        self.playout.wake()
+        return reply
 
     async def _cut(
         self, stops: list[Stop], event: ev.Cancel | ev.Interrupt, acked: str, generation: int | None
@@ -375,6 +451,12 @@ class EgressWorker(SessionWorker[EgressState]):
         state = self.timeline.state(self.ctx.cursors.get(sj.AUDIO_OUT.name, 0))
         state.caller_seq = caller_seq
         await self.ctx.checkpoint(state)
+
+
+def speech_onset_ns(speech: ev.SpeechStarted, speed: float) -> int:
+    """Wall time of the caller's first speech frame: the event's time less the audio it took to decide."""
+    decided_ms = (speech.at_frame + 1) * FRAME_MS - speech.start_ms
+    return speech.ts - int(max(0, decided_ms) / speed * 1e6)
 
 
 def main() -> int:

@@ -15,6 +15,7 @@ import contextlib
 import time
 import wave
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -112,6 +113,8 @@ class VirtualCaller:
         self.frame_s = ev.FRAME_MS / 1000 / spec.speed
         self.heard: list[HeardFrame] = []
         self.events: list[ev.Event] = []
+        #: When each of ``events`` arrived (wall ns), for measuring signals as the caller's side saw them.
+        self.arrived_ns: list[int] = []
         self._script: deque[tuple[bytes, bool]] = deque()  # (frame, ends an utterance)
         self._utterance_ends: list[int] = []  # wall ns at which each utterance's last frame was fed
         self._frames_fed = 0
@@ -201,6 +204,15 @@ class VirtualCaller:
             await self._changed.wait_for(lambda: len(self._utterance_ends) > before)
         return self._utterance_ends[before]
 
+    async def until(self, condition: Callable[[], bool], *, timeout_s: float = 20.0) -> bool:
+        """Wait until ``condition`` (of what was heard and seen) holds; False when ``timeout_s`` passed."""
+        try:
+            async with self._changed:
+                await asyncio.wait_for(self._changed.wait_for(condition), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
     async def settle(self, turns: int, *, timeout_s: float = 20.0, idle_s: float = 0.4) -> bool:
         """Wait until ``turns`` caller turns ended and each reply played out, then ``idle_s`` of quiet.
 
@@ -239,10 +251,12 @@ class VirtualCaller:
                 self._changed.notify_all()
 
     async def _on_event(self, msg: Msg) -> None:
+        at = time.time_ns()
         try:
             self.events.append(codec.decode(msg.subject, msg.data))
         except codec.ContractError:
             return
+        self.arrived_ns.append(at)
         async with self._changed:
             self._changed.notify_all()
 

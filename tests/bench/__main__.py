@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 
 from services.tools.stack import NatsServer
-from tests.bench import hop, report, turn
+from tests.bench import bargein, hop, report, turn
 
-SCENARIOS = ("hop", "turn", "local")
+SCENARIOS = ("hop", "turn", "barge-in", "local")
 
 
 def main() -> None:
@@ -26,6 +26,10 @@ def main() -> None:
             print(report.write("hop", runs, hop.UNITS))
         elif scenario == "turn":
             print(report.write("turn", turn.run_turn(args.runs), turn.UNITS))
+        elif scenario == "barge-in":
+            for speed in (1.0, 4.0):
+                name = f"barge-in-{speed:g}x"
+                print(report.write(name, bargein.run_bargein(args.runs, speed), bargein.UNITS))
         elif scenario == "local":
             print(report.write("local", turn.run_local(args.runs), turn.UNITS))
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import statistics
 import uuid
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -23,6 +25,7 @@ from services.runtime.config import RuntimeConfig, load
 from services.tools.caller import Turn, VirtualCaller, read_wav_16k
 from services.tools.stack import NatsServer, Stack
 
+T = TypeVar("T")
 UTTERANCE = Path(__file__).resolve().parent.parent / "data" / "speech_1500ms_16k.wav"
 FIXED_MS = 200 + 100 + 200 + 80  # VAD silence + STT final + LLM first token + TTS first frame
 BENCH_ENV = {
@@ -51,17 +54,22 @@ async def converse(url: str, utterances: list[bytes], turns: int, timeout_s: flo
         await bus.close()
 
 
-def one_run(env: dict[str, str], utterances: list[bytes], turns: int, timeout_s: float) -> list[Turn]:
-    """A fresh NATS and stack, one session, then everything stopped."""
+def on_stack(env: dict[str, str], session: Callable[[str], Coroutine[Any, Any, T]]) -> T:
+    """A fresh NATS and stack, ``session(nats_url)`` run against it, then everything stopped."""
     nats = NatsServer()
     nats.start()
     stack = Stack(nats_url=nats.url, env=env)
     try:
         stack.start(ev.STAGES, 1, 180.0)
-        return asyncio.run(converse(nats.url, utterances, turns, timeout_s))
+        return asyncio.run(session(nats.url))
     finally:
         stack.stop()
         nats.stop()
+
+
+def one_run(env: dict[str, str], utterances: list[bytes], turns: int, timeout_s: float) -> list[Turn]:
+    """A fresh NATS and stack, one session, then everything stopped."""
+    return on_stack(env, lambda url: converse(url, utterances, turns, timeout_s))
 
 
 def _median(values: list[float]) -> float:

@@ -97,12 +97,19 @@ class FakeAnthropic:
         self.exchanges: list[Exchange] = []
         self.cached: set[str] = set()
         self._stopping = asyncio.Event()
+        self._arrivals = asyncio.Condition()
         self._runner: web.AppRunner | None = None
         self.base_url = ""
 
     def queue(self, *replies: Reply) -> None:
         """Answer the next requests with these, in order (then with ``default``)."""
         self.script.extend(replies)
+
+    async def requested(self, count: int) -> list[Exchange]:
+        """Wait until ``count`` requests have come in; the exchanges so far."""
+        async with self._arrivals:
+            await self._arrivals.wait_for(lambda: len(self.exchanges) >= count)
+        return list(self.exchanges)
 
     async def __aenter__(self) -> FakeAnthropic:
         app = web.Application()
@@ -128,6 +135,8 @@ class FakeAnthropic:
             body={}, headers=headers, retry_count=int(headers.get("x-stainless-retry-count", -1))
         )
         self.exchanges.append(exchange)
+        async with self._arrivals:
+            self._arrivals.notify_all()
         reply = self.script.popleft() if self.script else self.default
         try:
             return await self._answer(request, raw, exchange, reply)

@@ -16,6 +16,7 @@ ENGINES: dict[str, str] = {
     "local": "services.dialogue.engines.local",
     "scripted": "services.dialogue.engines.scripted",
     "bench": "services.dialogue.engines.bench",
+    "anthropic": "services.dialogue.engines.anthropic",
 }
 
 

@@ -30,8 +30,9 @@ from anthropic.types import (
 )
 from anthropic.types import TextDelta as ApiTextDelta
 
+from services.dialogue.config import DialogueConfig
 from services.dialogue.engines.base import LlmDelta, LlmEngine, LlmRequest, TextDelta, ToolCall, Usage
-from services.runtime.config import ConfigError, setting, settings_class
+from services.runtime.config import ConfigError, load, setting, settings_class
 from services.runtime.resilience import (
     ProviderError,
     ProviderRejected,
@@ -262,3 +263,8 @@ def _tool_input(raw: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ProviderUnavailable(PROVIDER, "tool_use input is not a JSON object")
     return value
+
+
+def create(cfg: DialogueConfig) -> AnthropicEngine:
+    """Claude alone (``VB_LLM_ENGINE=anthropic``), with its settings from the environment."""
+    return AnthropicEngine(load(AnthropicSettings))
