@@ -22,20 +22,17 @@ from typing import Any, Literal
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from prometheus_client import Counter
 
 from proto import events as ev
 from proto import subjects as sj
 from proto.state import SentReply
 from services.dialogue.chunker import Chunker
 from services.dialogue.engines.base import LlmDelta, LlmError, TextDelta, ToolCall, Usage
-from services.runtime import metrics, tracing
+from services.runtime import metrics, tracing, usage
 from services.runtime.log import turn_var
 from services.runtime.service import SessionContext
 
 log = logging.getLogger("voicebus.dialogue")
-
-llm_tokens = Counter("vb_llm_tokens_total", "LLM tokens used, by engine and kind", ["engine", "kind"])
 
 ReplyKind = Literal["reply", "greeting"]
 
@@ -185,9 +182,11 @@ class Reply:
             metrics.turn_phase.labels("dialogue", phase).observe(seconds)
             trace.get_current_span().set_attribute(f"{phase}_ms", round(seconds * 1000, 1))
 
-    def _count(self, usage: Usage) -> None:
-        span = trace.get_current_span()
-        for kind in ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens"):
-            if n := getattr(usage, kind):
-                llm_tokens.labels(self.engine, kind.removesuffix("_tokens")).inc(n)
-                span.set_attribute(f"llm.{kind}", n)
+    def _count(self, used: Usage) -> None:
+        amounts = {
+            "llm_input_tokens": used.input_tokens,
+            "llm_output_tokens": used.output_tokens,
+            "llm_cache_read_tokens": used.cache_read_tokens,
+            "llm_cache_write_tokens": used.cache_write_tokens,
+        }
+        usage.record(self.ctx, self.turn, used.engine or self.engine, amounts)

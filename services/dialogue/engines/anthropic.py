@@ -154,6 +154,7 @@ class AnthropicEngine(LlmEngine):
             output_tokens=usage.get("output_tokens", 0),
             cache_read_tokens=usage.get("cache_read_input_tokens", 0),
             cache_write_tokens=usage.get("cache_creation_input_tokens", 0),
+            engine=PROVIDER,
         )
 
 

@@ -53,6 +53,8 @@ class Usage:
     output_tokens: int = 0
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
+    #: the engine that used them (a fallback chain passes on its members' Usage)
+    engine: str = ""
 
 
 LlmDelta = TextDelta | ToolCall | Usage
