@@ -30,7 +30,15 @@ from anthropic.types import (
 )
 from anthropic.types import TextDelta as ApiTextDelta
 
-from services.dialogue.engines.base import LlmDelta, LlmEngine, LlmRequest, TextDelta, ToolCall, Usage
+from services.dialogue.engines.base import (
+    LlmDelta,
+    LlmEngine,
+    LlmRequest,
+    TextDelta,
+    ToolCall,
+    ToolStart,
+    Usage,
+)
 from services.runtime.config import ConfigError, setting, settings_class
 from services.runtime.resilience import (
     ProviderError,
@@ -108,7 +116,7 @@ class AnthropicEngine(LlmEngine):
         )
 
     def stream(self, request: LlmRequest) -> AsyncIterator[LlmDelta]:
-        """Yield text as it is generated, a ToolCall per completed tool_use block, then Usage."""
+        """Yield text as it is generated, ToolStart/ToolCall per tool_use block, then Usage."""
         settings = self.settings
         return watchdog(
             self._deltas(request), PROVIDER, first_s=settings.first_token_s, stall_s=settings.stall_s
@@ -132,6 +140,7 @@ class AnthropicEngine(LlmEngine):
                             usage = _usage_counts(message.usage.model_dump())
                         case RawContentBlockStartEvent(content_block=ToolUseBlock() as block):
                             tool, tool_json = block, []
+                            yield ToolStart(block.name)
                         case RawContentBlockDeltaEvent(delta=ApiTextDelta(text=text)) if text:
                             yield TextDelta(text)
                         case RawContentBlockDeltaEvent(delta=InputJSONDelta(partial_json=part)):
