@@ -13,6 +13,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
@@ -20,6 +21,7 @@ import pytest
 
 from proto import events as ev
 from proto import subjects as sj
+from services.dialogue.config import DialogueConfig
 from services.runtime.bus import Bus
 from services.tools import demo, replay
 from services.tools import turns as table
@@ -27,6 +29,7 @@ from services.tools.caller import VirtualCaller
 from services.tools.stack import Stack
 from tests.fakes.anthropic import Reply
 from tests.fakes.deepgram import HandshakeFault, Utterance
+from tests.fakes.elevenlabs import Faults
 from tests.support import golden
 from tests.support.cloud import KEYS, CloudFakes
 from tests.support.nats import ContainerNats, NatsServer
@@ -55,6 +58,13 @@ def cloud_stack(
     out = tmp_path_factory.mktemp("cloud")
     env = {
         **fakes.env(),
+        # the fault matrix: each fault meets a healthy chain (no breaker opened by the rows before it)
+        "VB_LLM_FALLBACK": "scripted",
+        "VB_LLM_SCRIPT": str(golden.SCRIPT),
+        "VB_TTS_FALLBACK": "flite",
+        "VB_LLM_BREAKER_THRESHOLD": "100",
+        "VB_TTS_BREAKER_THRESHOLD": "100",
+        "VB_ELEVENLABS_WS_RETRY": "0.1",
         "VB_LOG_LEVEL": "DEBUG",  # as much as the stages would ever log, searched for leaks at the end
         "VB_TRACE_EXPORTER": "file",
         "VB_TRACE_FILE": str(out / "traces.jsonl"),
@@ -162,6 +172,82 @@ async def test_a_tool_call_is_covered_by_its_filler_and_answered_from_the_tools_
     assert first.body["tools"][-1]["cache_control"] == {"type": "ephemeral"}
     (result,) = [b for b in follow_up.body["messages"][-1]["content"] if b["type"] == "tool_result"]
     assert "hygienist cleaning with Lee Moreno on Monday 9 March 2026" in result["content"]
+
+
+#: what Claude says in the fault matrix; the fallback (the scripted engine) says the golden reply
+CLAUDE = "Certainly, a table for two tonight at the Blue Door."
+SAID = "Hello I would like to book a table for two people tonight."
+SCRIPTED = "Of course. For how many people, and at what time?"
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One row of the fault table in docs/providers.md: what goes wrong, and what the caller gets."""
+
+    claude: tuple[Reply, ...] = ()
+    voice: Faults = field(default_factory=Faults)
+    #: who answers: claude (retried within the budget, or never failed), fallback (the next engine),
+    #: continued (the next engine goes on from what Claude had said)
+    answer: str = "claude"
+    hold: bool = False  # the hold line covers the wait
+    spoken_by: str = "elevenlabs"  # websocket, or http: the same provider by its other path; flite
+
+
+MATRIX = {
+    "llm 429 retry-after": Fault((Reply(status=429, retry_after=0.1), Reply(text=CLAUDE))),
+    "llm 529 overloaded": Fault((Reply(status=529), Reply(text=CLAUDE))),
+    "llm 500 persists": Fault((Reply(status=500), Reply(status=500)), answer="fallback"),
+    "llm 401": Fault((Reply(status=401),), answer="fallback"),
+    "llm slow first byte": Fault((Reply(text=CLAUDE, first_byte_delay_s=4),), answer="fallback", hold=True),
+    "llm error event mid-stream": Fault((Reply(text=CLAUDE, fault="error"),), answer="continued"),
+    "llm tcp drop mid-stream": Fault((Reply(text=CLAUDE, fault="drop"),), answer="continued"),
+    "llm silent stall": Fault((Reply(text=CLAUDE, fault="stall"),), answer="continued", hold=True),
+    "tts 429 at the handshake": Fault((Reply(text=CLAUDE),), Faults(ws_status=429), spoken_by="http"),
+    "tts 401": Fault((Reply(text=CLAUDE),), Faults(ws_status=401, http_status=401), spoken_by="flite"),
+    "tts slow first byte": Fault((Reply(text=CLAUDE),), Faults(first_audio_delay_s=4), spoken_by="flite"),
+    "tts tcp drop mid-stream": Fault((Reply(text=CLAUDE),), Faults(drop_after_frames=2), spoken_by="flite"),
+    "tts silent stall": Fault((Reply(text=CLAUDE),), Faults(stall_after_frames=2), spoken_by="flite"),
+}
+
+
+@pytest.mark.parametrize("name", MATRIX)
+async def test_each_provider_fault_ends_in_its_documented_behaviour_without_dead_air(
+    cloud_stack: Stack, fakes: CloudFakes, bus: Bus, name: str
+) -> None:
+    fault = MATRIX[name]
+    fakes.deepgram.script = [Utterance(SAID, word_s=0.08)]
+    fakes.anthropic.queue(*fault.claude)
+    fakes.elevenlabs.faults = fault.voice
+    http_before = len(fakes.elevenlabs.seen.http)
+    spec = ev.SessionSpec(session=f"fault-{uuid.uuid4().hex[:8]}", agent=demo.AGENT)
+    try:
+        async with VirtualCaller(bus, spec) as caller:
+            turn = await caller.converse(demo.caller_turns(demo.CALLER)[0], 1, timeout_s=20.0)
+            await caller.hang_up("completed", wait_for=("dialogue", "tts"))
+    finally:
+        fakes.elevenlabs.faults = Faults()
+    assert not turn.missed and turn.said == SAID
+    chunks = " ".join(c.text for c in sorted(caller.of(ev.ReplyChunk), key=lambda c: c.index) if c.text)
+    hold = DialogueConfig().hold_line
+    assert chunks.startswith(hold) == fault.hold, chunks
+    reply = chunks.removeprefix(hold).strip()
+    match fault.answer:
+        case "claude":
+            assert reply == CLAUDE
+        case "fallback":
+            assert reply == SCRIPTED
+        case "continued":  # Claude's first words went out; the scripted engine answered after them
+            assert reply.startswith(" ".join(CLAUDE.split()[:2])) and reply.endswith(SCRIPTED), reply
+    assert (len(fakes.elevenlabs.seen.http) > http_before) == (fault.spoken_by == "http")
+    voiced = sum(n for ctx, n in fakes.elevenlabs.seen.frames.items() if ctx.startswith(spec.session))
+    heard = [h for h in caller.heard if h.audible]
+    if fault.spoken_by == "flite":  # ElevenLabs gave no (or not all) audio, yet the reply was heard
+        assert heard and voiced * fakes.elevenlabs.chars_per_frame < len(reply), voiced
+    else:
+        assert heard and (voiced > 0) == (fault.spoken_by == "elevenlabs"), voiced
+    # never more than 2 s of silence after the caller's turn: the budgets and the hold line see to it
+    silence_ms = turn.phase_ms("end_of_turn", "first_audio_out")
+    assert silence_ms <= 2000, f"{silence_ms:.0f} ms of silence after the turn"
 
 
 def test_no_key_and_no_caller_pii_in_any_log_line_or_span(cloud_stack: Stack) -> None:

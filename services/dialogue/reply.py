@@ -179,14 +179,16 @@ class Reply:
         """
         step: asyncio.Future[LlmDelta] = asyncio.ensure_future(anext(self.deltas))
         try:
-            hold = self.watchdog.hold_after_s
-            if self.uses_llm and not (self._spoke or self._held) and 0 < hold < limit:
-                await asyncio.wait({step}, timeout=hold)
+            # the hold line is due when nothing has gone out yet (text may sit in the chunker)
+            hold_s = self._requested + self.watchdog.hold_after_s - time.monotonic()
+            due = self.uses_llm and self.watchdog.hold_after_s and not (self.chunks or self._held)
+            if due and hold_s < limit:
+                await asyncio.wait({step}, timeout=max(0.0, hold_s))
                 if not step.done():
                     self._held = True
                     trace.get_current_span().set_attribute("degraded", "hold")
                     await self._send(self.watchdog.hold_line, last=False)
-                    limit -= hold
+                    limit -= max(0.0, hold_s)
             async with asyncio.timeout(limit):
                 return await step
         except StopAsyncIteration:
