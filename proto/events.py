@@ -353,6 +353,20 @@ class TurnMark(Event, kw_only=True, frozen=True):
     at_ns: NonNegative
 
 
+class TurnUsage(Event, kw_only=True, frozen=True):
+    """What a stage's provider billed for a turn, and its price from the stage's price table.
+
+    ``amounts`` by kind: ``stt_audio_s`` (audio seconds sent), ``llm_input_tokens``,
+    ``llm_output_tokens``, ``llm_cache_read_tokens``, ``llm_cache_write_tokens``, ``tts_chars``.
+    """
+
+    turn: Turn
+    stage: Stage
+    engine: str
+    amounts: dict[str, Annotated[float, Meta(ge=0)]] = {}
+    cost_usd: Annotated[float, Meta(ge=0)] = 0.0
+
+
 class ErrorEvent(Event, kw_only=True, frozen=True):
     """A stage could not handle something; it keeps serving the session."""
 

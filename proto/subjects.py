@@ -141,10 +141,11 @@ CONTROL = Channel(
 )
 TIMING = Channel(
     "timing",
-    (ev.TurnMark,),
+    (ev.TurnMark, ev.TurnUsage),
     producers=_ALL_STAGES,
     consumers=(EDGE,),
-    description="Points on each turn's timeline (per-turn latency table, benchmark phase split).",
+    description="Points on each turn's timeline (per-turn latency table, benchmark phase split) and "
+    "what each turn's providers billed.",
 )
 ERROR = Channel(
     "error",

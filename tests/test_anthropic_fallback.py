@@ -163,3 +163,22 @@ async def test_an_abandoned_trial_does_not_leave_the_breaker_open() -> None:
     primary.hang = False
     assert await reply(chain) == " on Thursday at nine thirty."  # the primary gets its next trial
     assert len(primary.requests) == 3
+
+
+async def test_a_continuation_that_starts_a_new_word_is_spaced_from_what_was_said(
+    fake: FakeAnthropic, claude: AnthropicEngine
+) -> None:
+    fake.queue(Reply(text="Certainly, a table for two.", fault="drop", fault_after=2))
+    local = ScriptedEngine("local", "Of course.")  # a local model starts its own sentence, unspaced
+    assert await reply(FallbackLlmEngine([claude, local])) == "Certainly, a Of course."
+
+
+@pytest.mark.parametrize(
+    ("said", "then", "joined"),
+    [("Certainly, a", "Of course.", "Certainly, a Of course."), ("We open at", " nine.", "We open at nine.")],
+)
+def test_a_word_left_unfinished_is_joined_and_a_new_one_spaced(said: str, then: str, joined: str) -> None:
+    from services.dialogue.engines.fallback import _needs_space
+
+    assert said + (" " if _needs_space(said, then) else "") + then == joined
+    assert not _needs_space("a tab", "le")

@@ -45,6 +45,8 @@ def strategy(t: msgspec.inspect.Type) -> st.SearchStrategy[Any]:
             return st.sampled_from(t.values)
         case mi.VarTupleType():
             return st.lists(strategy(t.item_type), max_size=3).map(tuple)
+        case mi.DictType():
+            return st.dictionaries(strategy(t.key_type), strategy(t.value_type), max_size=3)
         case mi.StructType():
             fields = {f.name: strategy(f.type) for f in t.fields if f.required}
             optional = {f.name: strategy(f.type) for f in t.fields if not f.required}

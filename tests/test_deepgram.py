@@ -224,6 +224,11 @@ async def test_a_bad_key_is_rejected_without_retry(fake: FakeDeepgram) -> None:
     ("fault", "kind", "message"),
     [
         (StreamFault("close", at_s=0.6), ProviderUnavailable, "1011 NET-0000"),
+        (
+            StreamFault("close", at_s=0.6, code=1008, reason="DATA-0000"),
+            ProviderUnavailable,
+            "1008 DATA-0000",
+        ),
         (StreamFault("abort", at_s=0.6), ProviderUnavailable, "dropped"),
         (StreamFault("error", at_s=0.6), ProviderUnavailable, "decoder failed"),
         (StreamFault("hang", at_s=0.6), ProviderTimeout, "no answer to audio"),

@@ -21,6 +21,7 @@ from proto import events as ev
 from proto import subjects as sj
 from proto.state import DialogueState
 from proto.system import Checkpoint
+from services.dialogue.config import DialogueConfig
 from services.runtime.bus import Bus
 from services.runtime.sessions import open_session
 from services.tools.stack import Stack
@@ -279,19 +280,33 @@ async def test_sigterm_lets_the_reply_finish_and_hands_the_conversation_over(
     assert answer[0].seq >> 32 == 2  # answered by the peer
 
 
-async def test_a_silent_engine_is_given_up_on(
+async def test_a_silent_engine_is_given_up_on_with_a_spoken_apology(
     stack: Stack, bus: Bus, session_id: str, tmp_path: Path
 ) -> None:
     await start_dialogue(stack, tmp_path, token_ms=2000, VB_LLM_FIRST_TOKEN_TIMEOUT="0.2")
     await open_session(bus, ev.SessionSpec(session=session_id), stages=("dialogue",))
     async with Tap(bus, session_id) as tap:
         await bus.publish(sj.TURN, user_turn(session_id, 1, "Hello"))
-        (closing,) = await reply_to(tap, 1)
+        apology, closing = await reply_to(tap, 1)
         (error,) = await tap.wait(ev.ErrorEvent)
 
-    assert (closing.index, closing.text, closing.last) == (0, "", True)  # TTS is not left waiting
+    assert apology.text == DialogueConfig().failed_line  # not dead air
+    assert (closing.index, closing.text, closing.last) == (1, "", True)  # TTS is not left waiting
     assert (error.code, error.turn, error.retryable) == ("provider", 1, True)
     assert "no token for 0.2 s" in error.message
+
+
+async def test_a_slow_engine_is_covered_by_the_hold_line_and_its_reply_follows(
+    stack: Stack, bus: Bus, session_id: str, tmp_path: Path
+) -> None:
+    await start_dialogue(stack, tmp_path, token_ms=600, VB_DIALOGUE_HOLD_AFTER="0.2")
+    await open_session(bus, ev.SessionSpec(session=session_id), stages=("dialogue",))
+    async with Tap(bus, session_id) as tap:
+        await bus.publish(sj.TURN, user_turn(session_id, 1, "Do you remember?"))
+        hold, *reply = await reply_to(tap, 1)
+
+    assert (hold.index, hold.text) == (0, DialogueConfig().hold_line)
+    assert spoken(reply) == "I have 1 messages so far."  # the engine was not interrupted by the line
 
 
 async def test_bad_input_is_reported_and_the_session_goes_on(

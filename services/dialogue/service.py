@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import Literal
 
 from opentelemetry.context import Context
@@ -31,10 +32,13 @@ from services.dialogue import engines
 from services.dialogue.bargein import BargeIn, Policy
 from services.dialogue.chunker import Chunker
 from services.dialogue.config import DialogueConfig
-from services.dialogue.engines.base import LlmDelta, LlmEngine, LlmRequest, TextDelta
+from services.dialogue.engines.anthropic import AnthropicSettings
+from services.dialogue.engines.base import LlmDelta, LlmEngine, LlmRequest, TextDelta, ToolCall
+from services.dialogue.engines.fallback import FallbackSettings
 from services.dialogue.history import History
 from services.dialogue.preemptive import Prefetch, same_text
-from services.dialogue.reply import Reply, ReplyKind, Watchdog
+from services.dialogue.reply import FollowUp, Reply, ReplyKind, Watchdog
+from services.dialogue.tools import ToolRegistry, ToolSettings, registry
 from services.runtime import log as logs
 from services.runtime import service
 from services.runtime.bus import Delivery
@@ -55,12 +59,24 @@ async def _spoken(text: str) -> AsyncIterator[LlmDelta]:
 class DialogueWorker(service.SessionWorker[DialogueState]):
     """One session's conversation: its history, and the replies being generated for it."""
 
-    def __init__(self, ctx: SessionContext[DialogueState], engine: LlmEngine, cfg: DialogueConfig) -> None:
+    def __init__(
+        self,
+        ctx: SessionContext[DialogueState],
+        engine: LlmEngine,
+        cfg: DialogueConfig,
+        tools: ToolRegistry | None = None,
+    ) -> None:
         super().__init__(ctx)
-        self.engine, self.cfg = engine, cfg
+        self.engine, self.cfg, self.tools = engine, cfg, tools
         self.state = ctx.restored or DialogueState()
         self.history = History(self.state.history, cfg.history_messages)
-        self.watchdog = Watchdog(cfg.first_token_timeout_s, cfg.stall_timeout_s)
+        self.watchdog = Watchdog(
+            cfg.first_token_timeout_s,
+            cfg.stall_timeout_s,
+            hold_after_s=cfg.hold_after_s,
+            hold_line=cfg.hold_line,
+            failed_line=cfg.failed_line,
+        )
         #: Replies being generated, oldest first: the last is the current one, which a newer turn (and
         #: later a barge-in) stops with ``Reply.cancel()``.
         self.active: list[Reply] = []
@@ -162,6 +178,7 @@ class DialogueWorker(service.SessionWorker[DialogueState]):
         return LlmRequest(
             instructions=self.ctx.spec.agent.instructions,
             messages=history.prompt(turn),
+            tools=self.tools.specs() if self.tools else (),
             max_tokens=self.cfg.llm_max_tokens,
         )
 
@@ -180,10 +197,17 @@ class DialogueWorker(service.SessionWorker[DialogueState]):
         """
         self.state.last_turn, self.state.generation = turn, generation
         kind: ReplyKind = "greeting" if turn == 0 and self.ctx.spec.agent.greeting else "reply"
+        follow_up: FollowUp | None = None
         if kind == "greeting":
             deltas = _spoken(self.ctx.spec.agent.greeting)
-        elif deltas is None:
-            deltas = self.engine.stream(self._request(self.history, turn))
+        else:
+            request = self._request(self.history, turn)
+            if deltas is None:
+                deltas = self.engine.stream(request)
+
+            def follow_up(results: Sequence[tuple[ToolCall, str]]) -> AsyncIterator[LlmDelta]:
+                return self.engine.stream(replace(request, tool_results=results))
+
         reply = Reply(
             self.ctx,
             turn=turn,
@@ -199,6 +223,8 @@ class DialogueWorker(service.SessionWorker[DialogueState]):
             watchdog=self.watchdog,
             saved=self.ctx.spawn(self._save(), "checkpoint"),
             parent=parent,
+            tools=self.tools,
+            follow_up=follow_up,
         )
         superseded = list(self.active)
         self.active.append(reply)
@@ -295,8 +321,11 @@ def main() -> int:
     cfg = load(DialogueConfig)
     runtime = load(RuntimeConfig)
     logs.setup(runtime.log_level, redact_pii=runtime.redact_pii)  # the model load logs too
-    engine = engines.create(cfg)
+    engine = engines.create(cfg, load(AnthropicSettings), load(FallbackSettings))
+    tools = registry(load(ToolSettings))
     try:
-        return service.run("dialogue", lambda ctx: DialogueWorker(ctx, engine, cfg), state_type=DialogueState)
+        return service.run(
+            "dialogue", lambda ctx: DialogueWorker(ctx, engine, cfg, tools), state_type=DialogueState
+        )
     finally:
         asyncio.run(engine.aclose())

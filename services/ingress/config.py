@@ -50,6 +50,17 @@ class IngressConfig:
         15.0,
         "Seconds of silence fed after a file source ends (the last reply plays) before the session ends.",
     )
+    max_duration_s: float = setting(
+        "VB_SESSION_MAX_DURATION",
+        3600.0,
+        "Seconds after its opening at which a call is ended (SessionEnded max_duration; 0: no limit).",
+    )
+    inactivity_s: float = setting(
+        "VB_SESSION_INACTIVITY",
+        120.0,
+        "Seconds without caller speech or agent playout after which a call is ended "
+        "(SessionEnded inactivity; 0: never).",
+    )
     checkpoint_s: float = setting(
         "VB_INGRESS_CHECKPOINT_INTERVAL",
         1.0,

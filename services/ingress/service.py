@@ -17,6 +17,7 @@ from proto import events as ev
 from proto.state import IngressState, SourcePosition
 from services.ingress.audio import Samples
 from services.ingress.config import IngressConfig
+from services.ingress.limits import CallLimits
 from services.ingress.sources import SOURCES
 from services.ingress.stream import CallerStream
 from services.ingress.vad import SileroVad, VadModelError
@@ -43,9 +44,11 @@ class IngressWorker(service.SessionWorker[IngressState]):
         self.media = self.source.media if self.source is not None else ()
         self._started = False
         self._checkpointed = time.monotonic()
+        self.limits = CallLimits(ctx, max_duration_s=cfg.max_duration_s, inactivity_s=cfg.inactivity_s)
 
     async def start(self) -> None:
         """Refuse a source this ingress does not have; resume the source after a takeover."""
+        self.limits.start()
         if self.source is None:
             await self.ctx.report(
                 "malformed",
@@ -55,7 +58,12 @@ class IngressWorker(service.SessionWorker[IngressState]):
             await self._start_source(self.ctx.restored.source)
 
     async def on_event(self, event: ev.Event, delivery: Delivery) -> None:
-        """The caller's audio starts flowing with the session."""
+        """The caller's audio starts flowing with the session; speech and playout keep the call alive."""
+        match event:
+            case ev.SpeechStarted() | ev.SpeechStopped() | ev.PlayoutStarted() | ev.PlayoutStopped():
+                self.limits.activity()
+            case ev.SessionEnded():
+                self.limits.stop()
         match event:
             case ev.SessionStarted():
                 await self._start_source(SourcePosition())
@@ -69,6 +77,7 @@ class IngressWorker(service.SessionWorker[IngressState]):
 
     async def close(self, handover: bool) -> None:
         """Stop the source; on handover, save where the stream is."""
+        self.limits.stop()
         if self.source is not None:
             await self.source.close()
         if handover:

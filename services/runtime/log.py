@@ -20,7 +20,8 @@ turn_var: ContextVar[int] = ContextVar("vb_turn", default=-1)
 
 _CARD = re.compile(r"\b(?:\d[ -]?){12,18}\d\b")
 _EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b")
-_PHONE = re.compile(r"(?<![\w+])\+?\d[\d ().-]{7,}\d\b")
+#: not an IPv4 address (an endpoint in a log line is not a phone number)
+_PHONE = re.compile(r"(?<![\w+.])(?!\d{1,3}(?:\.\d{1,3}){3}\b)\+?\d[\d ().-]{7,}\d\b")
 _SECRET = re.compile(
     r"(?i)\b(authorization|xi-api-key|x-api-key|api[_-]?key|token|bearer|password)(\W{1,3})([^\s'\",}]{6,})"
 )

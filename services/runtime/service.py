@@ -25,7 +25,7 @@ from proto import codec
 from proto import events as ev
 from proto import subjects as sj
 from proto.system import Checkpoint
-from services.runtime import health, log, metrics, tracing
+from services.runtime import health, log, metrics, tracing, usage
 from services.runtime.bus import Bus, Delivery, Handler
 from services.runtime.config import RuntimeConfig, default_replica_id, load
 from services.runtime.ownership import Ownership
@@ -333,5 +333,6 @@ def run(
     """Entry point of a stage process: JSON logs, config from the environment, serve until SIGTERM."""
     cfg = load(RuntimeConfig)
     log.setup(cfg.log_level, redact_pii=cfg.redact_pii)
+    usage.configure(load(usage.Pricing))
     service = StageService(stage, factory, state_type=state_type, cfg=cfg)
     return asyncio.run(service.run(routes=routes))

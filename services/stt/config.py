@@ -13,7 +13,16 @@ class SttConfig:
     """The stt stage's settings (the environment is read only in ``main``)."""
 
     engine: str = setting(
-        "VB_STT_ENGINE", "whisper", "STT engine: whisper (offline) or bench (fixed latency)."
+        "VB_STT_ENGINE",
+        "auto",
+        "STT engine: deepgram, whisper (offline), bench (fixed latency); auto: deepgram when "
+        "DEEPGRAM_API_KEY is set, else whisper.",
+    )
+    fallback: str = setting(
+        "VB_STT_FALLBACK",
+        "auto",
+        "Engines that take over, in order, when the one listening fails (comma-separated; none: no "
+        "fallback); auto: whisper after deepgram.",
     )
     whisper_model: str = setting(
         "VB_STT_WHISPER_MODEL",

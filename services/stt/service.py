@@ -28,7 +28,7 @@ from prometheus_client import Counter
 from proto import events as ev
 from proto import subjects as sj
 from proto.state import SttState
-from services.runtime import metrics, service, tracing
+from services.runtime import metrics, service, tracing, usage
 from services.runtime.bus import Delivery
 from services.runtime.config import load
 from services.runtime.service import SessionContext, SessionWorker
@@ -36,6 +36,8 @@ from services.stt import engines
 from services.stt.config import SttConfig
 from services.stt.endpointing import Endpointer, TurnEnd
 from services.stt.engines.base import SttEngine, SttResult, SttStream
+from services.stt.engines.deepgram import DeepgramSettings
+from services.stt.engines.fallback import FallbackSettings, FallbackSttStream
 
 logger = logging.getLogger("voicebus.stt")
 
@@ -74,6 +76,7 @@ class SttWorker(SessionWorker[SttState]):
         # per segment awaiting its final: when the engine was told, and the watchdog on its answer
         self._awaiting: deque[tuple[int, asyncio.TimerHandle | None]] = deque()
         self._overdue = 0  # finals given up on: the next flushed results are theirs, come too late
+        self._billed_s = 0.0  # audio the provider billed since the last turn ended: this turn's
         # unbounded, but fed at the pace of speech events: a few items per segment
         self._outbox: asyncio.Queue[Step] = asyncio.Queue()
         self._marks: asyncio.Queue[Step] = asyncio.Queue()
@@ -178,6 +181,7 @@ class SttWorker(SessionWorker[SttState]):
 
     def _on_result(self, result: SttResult) -> None:
         now = time.time_ns()
+        self._billed_s += result.billed_s
         told: int | None = None
         if result.flushed:
             if self._overdue:
@@ -251,6 +255,9 @@ class SttWorker(SessionWorker[SttState]):
     async def _end_turn(self, end: TurnEnd) -> None:
         span = self._spans.pop(end.turn, trace.INVALID_SPAN)
         span.set_attributes({"endpointing_ms": end.endpointing_ms, "reason": end.reason})
+        with trace.use_span(span, end_on_exit=False):
+            billed, self._billed_s = self._billed_s, 0.0
+            usage.record(self.ctx, end.turn, self._engine_name(), {"stt_audio_s": billed})
         try:
             if end.text:
                 await self._publish_end(end, span)
@@ -282,6 +289,12 @@ class SttWorker(SessionWorker[SttState]):
             )
         self._mark(end.turn, "end_of_turn", at)
         metrics.turn_phase.labels("stt", "endpointing").observe(end.endpointing_ms / 1000)
+
+    def _engine_name(self) -> str:
+        """The engine serving now (a chain's member, not the chain)."""
+        if isinstance(self._stream, FallbackSttStream):
+            return self._stream.engine
+        return self.engine.name
 
     def _state(self) -> SttState:
         return SttState(
@@ -345,5 +358,5 @@ class SttWorker(SessionWorker[SttState]):
 def main() -> int:
     """Run one stt replica: load the engine (the model) first, then serve until SIGTERM."""
     cfg = load(SttConfig)
-    engine = engines.create(cfg)
+    engine = engines.load_chain(cfg, load(DeepgramSettings), load(FallbackSettings))
     return service.run("stt", lambda ctx: SttWorker(ctx, engine, cfg), state_type=SttState)

@@ -306,3 +306,6 @@ class VirtualCaller:
                     turn.replied = text
                 case ev.TurnMark(turn=t, mark=mark, at_ns=at) if t == turn.number:
                     turn.marks[mark] = at  # a turn of several speech segments: its last segment counts
+                case ev.TurnUsage(turn=t, amounts=amounts, cost_usd=cost) if t == turn.number:
+                    for kind, n in {**amounts, "cost_usd": cost}.items():
+                        turn.usage[kind] = turn.usage.get(kind, 0.0) + n

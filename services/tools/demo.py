@@ -50,6 +50,8 @@ def main(args: argparse.Namespace) -> int:
     out = prepare(Path(args.out))
     results = asyncio.run(run(out, utterances, speed=args.speed, quiet=args.quiet))
     print(table.render(results))
+    if usage := table.render_usage(results):
+        print(f"\n{usage}")
     traces = out / "traces.jsonl"
     print(f"\nconversation as heard: {out / 'conversation.wav'}")
     print(f"traces: {traces} (voicebus trace --file {traces})")

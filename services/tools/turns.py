@@ -25,6 +25,18 @@ PHASES: tuple[tuple[str, str, str], ...] = (
 )
 
 
+#: (column, TurnUsage kind, format) of the usage table
+USAGE: tuple[tuple[str, str, str], ...] = (
+    ("STT audio s", "stt_audio_s", "{:.1f}"),
+    ("LLM in", "llm_input_tokens", "{:.0f}"),
+    ("cache read", "llm_cache_read_tokens", "{:.0f}"),
+    ("cache write", "llm_cache_write_tokens", "{:.0f}"),
+    ("LLM out", "llm_output_tokens", "{:.0f}"),
+    ("TTS chars", "tts_chars", "{:.0f}"),
+    ("cost $", "cost_usd", "{:.5f}"),
+)
+
+
 def _ms(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.0f}"
 
@@ -59,4 +71,32 @@ def render(turns: Sequence[Turn]) -> str:
     lines.append(
         "times in ms; TTFA = caller's last speech frame -> first agent audio at the caller's speaker"
     )
+    return "\n".join(lines)
+
+
+def cache_read_share(turn: Turn) -> float:
+    """The share of the turn's LLM input read from the prompt cache (0 without LLM usage)."""
+    kinds = ("llm_input_tokens", "llm_cache_read_tokens", "llm_cache_write_tokens")
+    total = sum(turn.usage.get(k, 0.0) for k in kinds)
+    return turn.usage.get("llm_cache_read_tokens", 0.0) / total if total else 0.0
+
+
+def render_usage(turns: Sequence[Turn]) -> str:
+    """What each turn's providers billed (from the stages' TurnUsage events) and its price; empty if none."""
+    if not any(t.usage for t in turns):
+        return ""
+    header = ["#", *(name for name, _, _ in USAGE), "cached"]
+    widths = [3, *(max(len(name), 8) for name, _, _ in USAGE), 7]
+    lines = [" ".join(h.rjust(w) for h, w in zip(header, widths))]
+    lines.append(" ".join("-" * w for w in widths))
+    totals: dict[str, float] = {}
+    for t in turns:
+        for kind, n in t.usage.items():
+            totals[kind] = totals.get(kind, 0.0) + n
+        cells = [fmt.format(t.usage[kind]) if kind in t.usage else "-" for _, kind, fmt in USAGE]
+        row = [str(t.number), *cells, f"{cache_read_share(t):.0%}"]
+        lines.append(" ".join(c.rjust(w) for c, w in zip(row, widths)))
+    total = ["all", *(fmt.format(totals.get(kind, 0.0)) for _, kind, fmt in USAGE), ""]
+    lines.append(" ".join(c.rjust(w) for c, w in zip(total, widths)))
+    lines.append("cached = share of the LLM input read from the prompt cache; prices from VB_PRICE_*")
     return "\n".join(lines)

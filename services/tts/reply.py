@@ -5,7 +5,9 @@ arrive; its audio becomes frames (``ReplyAudio``) published at once, egress does
 engine is usually a fallback chain: when the engine speaking fails, the next one goes on with the
 reply and the frames keep counting, so the reply stays one timeline; the switch is reported to the
 session. If every engine fails, the reply ends with what was said. Only the first frame and the end
-are published inside the "tts.reply" span.
+are published inside the "tts.reply" span. ``cancel`` does not rely on the task's cancellation alone:
+on Python 3.11 ``asyncio.wait_for`` inside the NATS client's publish can drop it, and the reply would
+then wait for chunks that never come, so a stop is also queued and checked before every publish.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from opentelemetry.context import Context
 from proto import events as ev
 from proto import subjects as sj
 from proto.state import TtsReply
-from services.runtime import metrics, tracing
+from services.runtime import metrics, tracing, usage
 from services.runtime.resilience import ProviderError
 from services.runtime.service import SessionContext
 from services.tts.config import TtsConfig
@@ -35,7 +37,12 @@ log = logging.getLogger("voicebus.tts")
 #: How long a failed or cancelled engine stream may take to close before the reply goes on without it.
 CLOSE_TIMEOUT_S = 1.0
 
-_Item = SynthAudio | Exception | None  # a piece of audio, a failure of the stream, or its end
+
+class _Stop:
+    """Put in the reply's queue by ``cancel``: the reply stops even if the task's cancellation was lost."""
+
+
+_Item = SynthAudio | Exception | _Stop | None  # audio, a failure of the stream, a stop, or its end
 
 
 class BadChunk(ValueError):
@@ -67,6 +74,8 @@ class Reply:
         self.audio = ReplyAudio(ctx.spec.output_rate, self.chunks, cfg.resample_quality)
         self._more = asyncio.Event()  # chunks arrived (or the last one did)
         self._received = time.monotonic()
+        self._chars = 0  # characters handed to the engine: what a cloud TTS bills
+        self._items: asyncio.Queue[_Item] = asyncio.Queue()
         self._span = tracing.tracer().start_span(
             "tts.reply", context=parent, attributes=tracing.clean({"turn": turn, "generation": generation})
         )
@@ -108,6 +117,7 @@ class Reply:
     async def cancel(self) -> None:
         """Stop now: nothing more of this reply is published once this returns."""
         self.cancelled = True
+        self._items.put_nowait(_Stop())
         if self.task is not None:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
@@ -135,7 +145,7 @@ class Reply:
 
     async def _speak(self) -> None:
         reply_id = f"{self.ctx.session}.{self.turn}.{self.generation}"
-        items: asyncio.Queue[_Item] = asyncio.Queue()
+        items = self._items
         stream: TtsStream | None = None
         helpers: list[asyncio.Task[None]] = []
         finished = False
@@ -149,6 +159,8 @@ class Reply:
             while (item := await items.get()) is not None:
                 if isinstance(item, Exception):
                     raise item
+                if isinstance(item, _Stop):
+                    raise asyncio.CancelledError
                 switches = await self._report_switch(stream, switches)
                 for frame in self.audio.add(item):
                     await self._publish(frame)
@@ -158,13 +170,19 @@ class Reply:
             log.warning(message)
             await self.ctx.report("provider", message, turn=self.turn, retryable=e.retryable)
         finally:
+            # the stream first: its own stop ends its audio even if a helper's cancellation is lost
+            if stream is not None and not finished:
+                await self._close(stream)
             for helper in helpers:
                 helper.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
-            if stream is not None and not finished:
-                await self._close(stream)
-            if isinstance(stream, FallbackStream):
-                self._span.set_attribute("engines", ",".join(stream.served_by))
+            served = stream.served_by if isinstance(stream, FallbackStream) else []
+            if served:
+                self._span.set_attribute("engines", ",".join(served))
+            with trace.use_span(self._span, end_on_exit=False):
+                # the first engine received the text as it came; a takeover re-sends only a cut chunk
+                engine = served[0] if served else self.engine.name
+                usage.record(self.ctx, self.turn, engine, {"tts_chars": self._chars})
 
     async def _report_switch(self, stream: TtsStream, reported: int) -> int:
         """Tell the session when the fallback chain moved this reply to another engine mid-way."""
@@ -189,6 +207,7 @@ class Reply:
             while True:
                 while index in self.chunks:
                     if speakable(self.chunks[index]):
+                        self._chars += len(self.chunks[index])
                         await stream.push_text(self.chunks[index], index)
                     index += 1
                 if self.last is not None and index > self.last:
@@ -208,6 +227,8 @@ class Reply:
             items.put_nowait(e)
 
     async def _publish(self, frame: Frame) -> None:
+        if self.cancelled:  # on Python 3.11 a publish can swallow the task's cancellation
+            raise asyncio.CancelledError
         event = ev.AgentAudioFrame(
             session=self.ctx.session,
             turn=self.turn,

@@ -51,6 +51,7 @@ class Reply:
     status: int = 200
     retry_after: float | None = None
     first_byte_delay_s: float = 0.0
+    token_gap_s: float | None = None  # the pace of this reply's text; None: the fake's
     fault: Literal["error", "drop", "stall"] | None = None
     fault_after: int = 2
 
@@ -94,6 +95,8 @@ class FakeAnthropic:
         self.api_key, self.token_gap_s = api_key, token_gap_s
         self.script: deque[Reply] = deque()
         self.default = Reply()
+        #: (regex, reply) answering the request by the last user text, when nothing is queued
+        self.rules: list[tuple[re.Pattern[str], Reply]] = []
         self.exchanges: list[Exchange] = []
         self.cached: set[str] = set()
         self._stopping = asyncio.Event()
@@ -137,7 +140,7 @@ class FakeAnthropic:
         self.exchanges.append(exchange)
         async with self._arrivals:
             self._arrivals.notify_all()
-        reply = self.script.popleft() if self.script else self.default
+        reply = self.script.popleft() if self.script else self._by_rule(raw)
         try:
             return await self._answer(request, raw, exchange, reply)
         except (asyncio.CancelledError, ConnectionResetError):
@@ -146,6 +149,20 @@ class FakeAnthropic:
             raise
         finally:
             exchange.done.set()
+
+    def answer(self, pattern: str, reply: Reply) -> None:
+        """Answer requests whose last user message matches ``pattern`` (case-insensitive) with ``reply``."""
+        self.rules.append((re.compile(pattern, re.IGNORECASE), reply))
+
+    def _by_rule(self, raw: bytes) -> Reply:
+        try:
+            last = json.loads(raw)["messages"][-1]
+            content = last["content"]
+            blocks = [{"text": content}] if isinstance(content, str) else content
+            said = " ".join(b.get("text", "") for b in blocks) if last["role"] == "user" else ""
+        except (ValueError, AttributeError, KeyError, TypeError):
+            return self.default  # the validation answers a malformed body
+        return next((reply for rule, reply in self.rules if rule.search(said)), self.default)
 
     async def _answer(
         self, request: web.Request, raw: bytes, exchange: Exchange, reply: Reply
@@ -249,7 +266,7 @@ class FakeAnthropic:
                 if reply.fault and n == reply.fault_after:
                     await self._fault(request, send, exchange, reply.fault)
                     return
-                await asyncio.sleep(self.token_gap_s)
+                await asyncio.sleep(self.token_gap_s if reply.token_gap_s is None else reply.token_gap_s)
                 delta = {"type": "text_delta", "text": piece}
                 await send("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
             await send("content_block_stop", {"type": "content_block_stop", "index": 0})

@@ -109,11 +109,15 @@ class FakeDeepgram:
         interim_s: float = 0.5,
         finalize_min_s: float = 0.1,
         final_every_s: float | None = None,
+        turn_gap_s: float | None = None,
     ) -> None:
         self.api_key, self.script = api_key, list(script)
         self.idle_s, self.interim_s, self.finalize_min_s = idle_s, interim_s, finalize_min_s
         #: long speech gets an is_final (without speech_final) this often, as the real service does
         self.final_every_s = final_every_s
+        #: recorded voices instead of tones: the script is heard in order, the next utterance once
+        #: audio resumes after this many seconds (wall clock) without any: the caller's next turn
+        self.turn_gap_s = turn_gap_s
         #: refusals for the next attempts, in order; ``refuse_all`` refuses every attempt
         self.handshake_faults: list[HandshakeFault] = []
         self.refuse_all: HandshakeFault | None = None
@@ -248,6 +252,8 @@ class _Session:
         self.finalized = 0  # how many of them went out in a final
         self.last_word_end: float | None = None  # for UtteranceEnd
         self.hung = False
+        self.current = 0  # the utterance being said (turn_gap_s mode)
+        self.last_audio_at: float | None = None
 
     async def run(self) -> None:
         try:
@@ -311,6 +317,12 @@ class _Session:
     # --- audio and recognition -------------------------------------------------------------------
 
     async def _audio(self, pcm: bytes) -> None:
+        now = asyncio.get_running_loop().time()
+        gap = self.fake.turn_gap_s
+        resumed = gap is not None and self.last_audio_at is not None and now - self.last_audio_at >= gap
+        if resumed and self.spoken[self.current] and self.current + 1 < len(self.fake.script):
+            self.current += 1
+        self.last_audio_at = now
         start = self.clock
         self.clock += len(pcm)
         hz = _tone(pcm)
@@ -341,7 +353,10 @@ class _Session:
         """The utterance spoken at this pitch advances; its words complete one per ``word_s`` of speech."""
         if not self.fake.script:
             return
-        u = min(range(len(self.fake.script)), key=lambda i: abs(self.fake.script[i].hz - hz))
+        if self.fake.turn_gap_s is None:
+            u = min(range(len(self.fake.script)), key=lambda i: abs(self.fake.script[i].hz - hz))
+        else:
+            u = self.current
         script, words = self.fake.script[u], self.fake.script[u].text.split()
         before = self.spoken[u]
         self.spoken[u] += seconds

@@ -30,9 +30,16 @@ from anthropic.types import (
 )
 from anthropic.types import TextDelta as ApiTextDelta
 
-from services.dialogue.config import DialogueConfig
-from services.dialogue.engines.base import LlmDelta, LlmEngine, LlmRequest, TextDelta, ToolCall, Usage
-from services.runtime.config import ConfigError, load, setting, settings_class
+from services.dialogue.engines.base import (
+    LlmDelta,
+    LlmEngine,
+    LlmRequest,
+    TextDelta,
+    ToolCall,
+    ToolStart,
+    Usage,
+)
+from services.runtime.config import ConfigError, setting, settings_class
 from services.runtime.resilience import (
     ProviderError,
     ProviderRejected,
@@ -60,7 +67,11 @@ REQUEST_ERRORS = frozenset(
 class AnthropicSettings:
     """The Anthropic LLM engine: key, endpoint, model and the time budget of a reply."""
 
-    api_key: str = setting("ANTHROPIC_API_KEY", "", "Anthropic API key; when set, Claude is the LLM.")
+    api_key: str = setting(
+        "ANTHROPIC_API_KEY",
+        "",
+        "Anthropic API key (or a file in ANTHROPIC_API_KEY_FILE); when set, Claude is the LLM.",
+    )
     base_url: str = setting("VB_ANTHROPIC_BASE_URL", "https://api.anthropic.com", "Messages API base URL.")
     model: str = setting("VB_ANTHROPIC_MODEL", "claude-haiku-5-5", "Claude model (a fast one, for voice).")
     connect_timeout_s: float = setting("VB_ANTHROPIC_CONNECT_TIMEOUT", 1.0, "Seconds to open a connection.")
@@ -90,6 +101,8 @@ class AnthropicEngine(LlmEngine):
     name = PROVIDER
 
     def __init__(self, settings: AnthropicSettings) -> None:
+        if not settings.api_key:
+            raise ConfigError("ANTHROPIC_API_KEY is not set")
         self.settings = settings
         self._client = anthropic.AsyncAnthropic(
             api_key=settings.api_key,
@@ -103,7 +116,7 @@ class AnthropicEngine(LlmEngine):
         )
 
     def stream(self, request: LlmRequest) -> AsyncIterator[LlmDelta]:
-        """Yield text as it is generated, a ToolCall per completed tool_use block, then Usage."""
+        """Yield text as it is generated, ToolStart/ToolCall per tool_use block, then Usage."""
         settings = self.settings
         return watchdog(
             self._deltas(request), PROVIDER, first_s=settings.first_token_s, stall_s=settings.stall_s
@@ -127,6 +140,7 @@ class AnthropicEngine(LlmEngine):
                             usage = _usage_counts(message.usage.model_dump())
                         case RawContentBlockStartEvent(content_block=ToolUseBlock() as block):
                             tool, tool_json = block, []
+                            yield ToolStart(block.name)
                         case RawContentBlockDeltaEvent(delta=ApiTextDelta(text=text)) if text:
                             yield TextDelta(text)
                         case RawContentBlockDeltaEvent(delta=InputJSONDelta(partial_json=part)):
@@ -149,6 +163,7 @@ class AnthropicEngine(LlmEngine):
             output_tokens=usage.get("output_tokens", 0),
             cache_read_tokens=usage.get("cache_read_input_tokens", 0),
             cache_write_tokens=usage.get("cache_creation_input_tokens", 0),
+            engine=PROVIDER,
         )
 
 
@@ -263,8 +278,3 @@ def _tool_input(raw: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ProviderUnavailable(PROVIDER, "tool_use input is not a JSON object")
     return value
-
-
-def create(cfg: DialogueConfig) -> AnthropicEngine:
-    """Claude alone (``VB_LLM_ENGINE=anthropic``), with its settings from the environment."""
-    return AnthropicEngine(load(AnthropicSettings))

@@ -37,6 +37,13 @@ class TextDelta:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolStart:
+    """The LLM has begun a tool call (its arguments are still streaming): time for a filler line."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
 class ToolCall:
     """The LLM asks for a tool; the dialogue runs it and continues the reply with its result."""
 
@@ -53,9 +60,11 @@ class Usage:
     output_tokens: int = 0
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
+    #: the engine that used them (a fallback chain passes on its members' Usage)
+    engine: str = ""
 
 
-LlmDelta = TextDelta | ToolCall | Usage
+LlmDelta = TextDelta | ToolStart | ToolCall | Usage
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,6 +62,17 @@ def continuation(request: LlmRequest, said: str) -> LlmRequest:
     return replace(request, instructions=request.instructions + note)
 
 
+def _needs_space(said: str, text: str) -> bool:
+    """Whether a continuation starts a new word that the engine did not separate from what was said.
+
+    A word left unfinished (``"tab"`` + ``"le"``) is joined as is; a new sentence or a word after
+    punctuation gets its space.
+    """
+    if not said or said[-1].isspace() or not text or text[0].isspace():
+        return False
+    return not said[-1].isalnum() or text[0].isupper()
+
+
 class FallbackLlmEngine(LlmEngine):
     """The engines in order of preference, each behind its own circuit breaker."""
 
@@ -86,7 +97,7 @@ class FallbackLlmEngine(LlmEngine):
         for engine, breaker in self.chain:
             if not breaker.allow():
                 continue
-            took_over, produced = bool(said), False
+            took_over, produced, produced_text = bool(said), False, False
             # base.py: an engine's stream is an async generator, closed to cancel the generation
             stream = cast(
                 AsyncGenerator[LlmDelta], engine.stream(continuation(request, said) if took_over else request)
@@ -97,7 +108,10 @@ class FallbackLlmEngine(LlmEngine):
                         produced = True
                         match delta:
                             case TextDelta(text=text):
-                                said += text
+                                if took_over and not produced_text and _needs_space(said, text):
+                                    delta = TextDelta(text=f" {text}")
+                                produced_text = True
+                                said += delta.text
                             case ToolCall():
                                 called = True
                         yield delta

@@ -9,19 +9,15 @@ and a 60 MB voice).
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
-from services.runtime.config import ConfigError
-from services.runtime.resilience import ProviderUnavailable
+from services.runtime import engines
 from services.tts.config import TtsConfig
 from services.tts.engines.base import TtsEngine
 from services.tts.engines.fallback import FallbackSettings, FallbackTtsEngine
 
 if TYPE_CHECKING:
     from services.tts.engines.elevenlabs import ElevenLabsSettings
-
-log = logging.getLogger("voicebus.tts")
 
 #: Engines in order of preference; ``auto`` fallbacks are the local engines after the primary.
 PREFERENCE = ("elevenlabs", "piper", "flite")
@@ -31,18 +27,15 @@ ENGINES = (*PREFERENCE, "bench")
 
 def chain_names(cfg: TtsConfig, cloud_key: bool) -> list[str]:
     """The engines to load, primary first."""
-    primary = cfg.engine if cfg.engine != "auto" else "elevenlabs" if cloud_key else "piper"
-    if cfg.fallback == "auto":
-        after = PREFERENCE[PREFERENCE.index(primary) + 1 :] if primary in PREFERENCE else ()
-        rest = [n for n in after if n in LOCAL]
-    elif cfg.fallback == "none":
-        rest = []
-    else:
-        rest = [n.strip() for n in cfg.fallback.split(",") if n.strip()]
-    names = list(dict.fromkeys([primary, *rest]))
-    if unknown := [n for n in names if n not in ENGINES]:
-        raise ConfigError(f"unknown tts engine {', '.join(unknown)}: use {', '.join(ENGINES)}")
-    return names
+    return engines.chain_names(
+        "tts",
+        cfg.engine,
+        cfg.fallback,
+        preference=PREFERENCE,
+        local=LOCAL,
+        known=ENGINES,
+        cloud_key=cloud_key,
+    )
 
 
 def load_engine(name: str, cfg: TtsConfig, elevenlabs: ElevenLabsSettings) -> TtsEngine:
@@ -65,20 +58,7 @@ def load_engine(name: str, cfg: TtsConfig, elevenlabs: ElevenLabsSettings) -> Tt
 
 
 def load_chain(cfg: TtsConfig, elevenlabs: ElevenLabsSettings, fallback: FallbackSettings) -> TtsEngine:
-    """The engine the service speaks with: the primary, behind a fallback chain when there is one.
-
-    A misconfiguration (ConfigError) stops the replica; any other load failure leaves that engine out.
-    """
+    """The engine the service speaks with: the primary, behind a fallback chain when there is one."""
     names = chain_names(cfg, elevenlabs.enabled)
-    loaded: list[TtsEngine] = []
-    for name in names:
-        try:
-            loaded.append(load_engine(name, cfg, elevenlabs))
-        except ConfigError:
-            raise
-        except Exception as e:  # a missing model, a broken install: the next engine may still work
-            log.error("tts engine %s failed to load: %s", name, e, exc_info=True)
-    if not loaded:
-        raise ProviderUnavailable("tts", f"no engine could be loaded (tried {', '.join(names)})")
-    log.info("tts engines: %s", " -> ".join(e.name for e in loaded))
+    loaded = engines.load_all("tts", names, lambda name: load_engine(name, cfg, elevenlabs))
     return loaded[0] if len(loaded) == 1 else FallbackTtsEngine(loaded, fallback)

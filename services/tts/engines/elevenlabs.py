@@ -38,7 +38,10 @@ class ElevenLabsSettings:
     api_key: str = field(
         default="",
         repr=False,
-        metadata={"env": "ELEVENLABS_API_KEY", "doc": "ElevenLabs API key; the TTS engine is used when set."},
+        metadata={
+            "env": "ELEVENLABS_API_KEY",
+            "doc": "ElevenLabs API key (or a file in ELEVENLABS_API_KEY_FILE); TTS speaks with it when set.",
+        },
     )
     base_url: str = setting("VB_ELEVENLABS_URL", "https://api.elevenlabs.io", "ElevenLabs API base URL.")
     voice_id: str = setting(
