@@ -19,6 +19,7 @@ import json
 import re
 import signal
 import statistics
+import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -33,8 +34,9 @@ from proto import subjects as sj
 from proto.state import DialogueMessage, DialogueState
 from proto.system import Checkpoint, OwnerRecord
 from services.runtime.bus import Bus
+from services.runtime.config import RuntimeConfig, load
 from services.tools.caller import ALIGN_FRAMES, Turn, VirtualCaller, read_wav_16k
-from services.tools.stack import Stack
+from services.tools.stack import NatsServer, Stack
 
 UTTERANCE = Path(__file__).resolve().parent.parent / "data" / "speech_1500ms_16k.wav"
 SPOKEN = "what is the weather like today"
@@ -166,3 +168,49 @@ async def respawn(stack: Stack, stage: str, replicas: int = 2) -> None:
     """Bring ``stage`` back to ``replicas`` running replicas."""
     fresh = [stack.spawn(stage) for _ in range(replicas - len(stack.of(stage)))]
     await stack.wait_ready_async(fresh)
+
+
+async def _runs(nats: NatsServer, stack: Stack, runs: int) -> list[dict[str, float]]:
+    bus = await Bus.connect(load(RuntimeConfig, environ={}, nats_url=nats.url), "edge", "bench-failover")
+    results: list[dict[str, float]] = []
+    try:
+        for _ in range(runs):
+            result: dict[str, float] = {}
+            for fault in FAULTS:
+                if fault == "nats":
+                    run = await call_with_fault(bus, fault, _restarter(nats))
+                else:
+                    run = await call_with_fault(bus, fault, kill_fault(stack, bus, fault))
+                    await respawn(stack, fault)
+                result[f"gap {fault} ms"] = run.gap_ms
+                result["missed turns"] = result.get("missed turns", 0.0) + sum(t.missed for t in run.turns)
+            results.append(result)
+    finally:
+        await bus.close()
+    return results
+
+
+def _restarter(nats: NatsServer) -> Callable[[str], Awaitable[None]]:
+    async def restart(session: str) -> None:
+        await asyncio.to_thread(nats.kill)
+        await asyncio.to_thread(nats.start)
+
+    return restart
+
+
+def run_failover(runs: int) -> list[dict[str, float]]:
+    """``runs`` rounds of every fault against one system of two replicas per stage; the gap of each."""
+    nats = NatsServer()
+    nats.start()
+    with tempfile.TemporaryDirectory(prefix="vb-failover-") as work:
+        stack = Stack(nats_url=nats.url, env={**stack_env(Path(work)), "VB_LOG_LEVEL": "WARNING"})
+        try:
+            stack.start(ev.STAGES, replicas=2, timeout_s=180.0)
+            return asyncio.run(_runs(nats, stack, runs))
+        finally:
+            stack.stop()
+            nats.stop()
+
+
+UNITS: dict[str, str] = {}
+NOTE = "Gap per fault over the runs; the dialogue row includes hearing the first sentence again."
