@@ -34,6 +34,7 @@ CALL_S = 30.0
 REPLICAS = {"ingress": 2, "stt": 2, "dialogue": 1, "tts": 1, "egress": 2}
 SESSIONS_PER_DRIVER = 25
 OVERHEAD_P95_TARGET_MS = 150.0
+IDLE_S = 5.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -83,36 +84,48 @@ def run_load(sessions: int) -> dict[str, float]:
     try:
         stack.wait_ready([stack.spawn(stage) for stage in ev.STAGES for _ in range(REPLICAS[stage])], 180.0)
         assert nats.proc is not None
-        pids = [nats.proc.pid, *(p.proc.pid for p in stack.processes)]
+        owners = {nats.proc.pid: "nats", **{p.proc.pid: p.stage for p in stack.processes}}
+        pids = list(owners)
         idle_rss = sum(rss_bytes(pid) for pid in pids)
         starts = [random.uniform(0.0, STAGGER_S) for _ in range(sessions)]
         groups = [
             starts[i :: math.ceil(sessions / SESSIONS_PER_DRIVER)]
             for i in range(math.ceil(sessions / SESSIONS_PER_DRIVER))
         ]
-        cpu_before = sum(cpu_seconds(pid) for pid in pids)
+        idle_cpu = {pid: cpu_seconds(pid) for pid in pids}
+        time.sleep(IDLE_S)  # the idle system's own cost (heartbeats, watches), measured over a while
+        cpu_before = {pid: cpu_seconds(pid) for pid in pids}
+        idle_rate = sum(cpu_before[pid] - idle_cpu[pid] for pid in pids) / IDLE_S
         peak_rss = idle_rss
+        began = time.monotonic()
         with ProcessPoolExecutor(len(groups), mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [pool.submit(drive, nats.url, g) for g in groups]
             while not all(f.done() for f in futures):
                 peak_rss = max(peak_rss, sum(rss_bytes(pid) for pid in pids))
                 time.sleep(1.0)  # sampling period of the memory reading, not a synchronisation
             calls = [call for f in futures for call in f.result()]
-        cpu = sum(cpu_seconds(pid) for pid in pids) - cpu_before
+        window = time.monotonic() - began
+        cpu = {pid: cpu_seconds(pid) - cpu_before[pid] for pid in pids}
     finally:
         stack.stop()
         nats.stop()
     turns = [t for call_turns, _ in calls for t in call_turns]
     session_minutes = sum(length for _, length in calls) / 60
     numbers = summarize(turns, FIXED_MS)
-    return {
+    result = {
         "overhead_p50_ms": numbers["overhead_p50_ms"],
         "overhead_p95_ms": numbers["overhead_p95_ms"],
         "missed_turns": numbers["missed_turns"],
         "turns": float(len(turns)),
-        "cpu_s_per_session_min": cpu / session_minutes,
+        "cpu_s_per_session_min": sum(cpu.values()) / session_minutes,
+        "idle_system_cpu_cores": idle_rate,
+        "cpu_cores_busy": sum(cpu.values()) / window,
         "rss_mb_per_session": (peak_rss - idle_rss) / sessions / 2**20,
     }
+    for name in ("nats", *ev.STAGES):
+        used = sum(c for pid, c in cpu.items() if owners[pid] == name)
+        result[f"cpu_s_per_session_min {name}"] = used / session_minutes
+    return result
 
 
 def held(result: dict[str, float]) -> bool:
