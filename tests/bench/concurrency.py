@@ -20,6 +20,8 @@ import uuid
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from nats.errors import Error as NatsError
+
 from proto import events as ev
 from services.runtime.bus import Bus
 from services.runtime.config import RuntimeConfig, load
@@ -33,7 +35,7 @@ STAGGER_S = 5.0
 CALL_S = 30.0
 #: Replicas per stage: the stages that handle every audio frame get two (one per core).
 REPLICAS = {"ingress": 2, "stt": 2, "dialogue": 1, "tts": 1, "egress": 2}
-SESSIONS_PER_DRIVER = 25
+SESSIONS_PER_DRIVER = 20
 OVERHEAD_P95_TARGET_MS = 150.0
 IDLE_S = 5.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -62,8 +64,8 @@ async def _session(bus: Bus, start_in: float, utterance: bytes) -> Call | None:
         async with VirtualCaller(bus, spec) as caller:
             while time.monotonic() - began < CALL_S:
                 turns.append(await caller.converse(utterance, len(turns) + 1))
-    except SessionOpenError:
-        return None  # the system did not take the call
+    except (SessionOpenError, NatsError):
+        return None  # the system did not take the call, or lost it (overloaded: publishes not acked)
     return turns[1:], time.monotonic() - began  # the first turn is the warm-up
 
 
@@ -77,7 +79,7 @@ async def _callers(url: str, starts: list[float]) -> list[Call | None]:
 
 
 def drive(url: str, starts: list[float]) -> list[Call | None]:
-    """A driver process: the callers whose start offsets are ``starts`` (None: a call not taken)."""
+    """A driver process: the callers whose start offsets are ``starts`` (None: a call not taken or lost)."""
     return asyncio.run(_callers(url, starts))
 
 
@@ -122,7 +124,7 @@ def run_load(sessions: int) -> dict[str, float]:
         "overhead_p50_ms": numbers["overhead_p50_ms"],
         "overhead_p95_ms": numbers["overhead_p95_ms"],
         "missed_turns": numbers["missed_turns"],
-        "calls_refused": float(len(results) - len(calls)),
+        "calls_failed": float(len(results) - len(calls)),
         "turns": float(len(turns)),
         "cpu_s_per_session_min": sum(cpu.values()) / session_minutes,
         "idle_system_cpu_cores": idle_rate,
@@ -139,7 +141,7 @@ def held(result: dict[str, float]) -> bool:
     """Every call taken, no missed turn, and overhead p95 within its target."""
     return (
         result["missed_turns"] == 0
-        and result["calls_refused"] == 0
+        and result["calls_failed"] == 0
         and result["overhead_p95_ms"] <= OVERHEAD_P95_TARGET_MS
     )
 
