@@ -4,6 +4,7 @@ commands, NATS users and permissions, drain time)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import subprocess
@@ -54,20 +55,21 @@ def test_every_object_is_valid_for_the_kubernetes_api(objects: list[dict[str, An
 
 def test_each_stage_runs_its_command_with_its_own_nats_user(objects: list[dict[str, Any]]) -> None:
     commands = set(build_parser()._subparsers._group_actions[0].choices)
-    stages = {
+    services = {
         d["metadata"]["labels"]["app.kubernetes.io/component"]: d
         for d in of(objects, "Deployment")
         if d["metadata"]["name"].startswith("voicebus-")
     }
-    assert set(stages) == set(ev.STAGES)
+    assert set(services) == {*ev.STAGES, "gateway"}
     drain = RuntimeConfig().drain_timeout_s
-    for stage, deployment in stages.items():
+    for name, deployment in services.items():
+        user = natsconf.EDGE_USER if name == "gateway" else name
         pod = deployment["spec"]["template"]["spec"]
         container = pod["containers"][0]
-        assert container["args"] == [stage] and stage in commands
+        assert container["args"] == [name] and name in commands
         env = {e["name"]: e for e in container["env"]}
-        assert env["VB_NATS_USER"]["value"] == stage
-        assert env["VB_NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == stage
+        assert env["VB_NATS_USER"]["value"] == user
+        assert env["VB_NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == user
         assert pod["terminationGracePeriodSeconds"] > drain
         paths = {p["httpGet"]["path"] for p in (container["readinessProbe"], container["livenessProbe"])}
         assert paths == {"/readyz", "/healthz"}
@@ -140,3 +142,48 @@ def test_compose_file_follows_the_compose_spec_and_the_code() -> None:
     assert (ROOT / mounted).resolve() == (K8S / "base" / "nats" / "nats.conf").resolve()
     for user in (*ev.STAGES, natsconf.EDGE_USER):
         assert natsconf.password_variable(user) in services["nats"]["environment"]
+    gateway = services["gateway"]
+    assert gateway["command"] == ["gateway"]
+    assert gateway["environment"]["VB_NATS_USER"] == natsconf.EDGE_USER
+    port = gateway["environment"]["VB_GATEWAY_PORT"]
+    assert f"{port}:{port}" in gateway["ports"]
+    livekit_port = services["livekit"]["ports"][0].split(":")[0]
+    for name in ("ingress", "egress", "gateway"):
+        env = services[name]["environment"]
+        assert env["LIVEKIT_URL"].endswith(f"ws://livekit:{livekit_port}}}")
+        assert {"LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"} <= set(env)
+
+
+def env_of(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_the_gateway_is_reachable_and_the_livekit_edge_shares_one_key(objects: list[dict[str, Any]]) -> None:
+    deployments = {d["metadata"]["name"]: d for d in of(objects, "Deployment")}
+    gateway = deployments["voicebus-gateway"]
+    container = gateway["spec"]["template"]["spec"]["containers"][0]
+    port = int(env_of(gateway)["VB_GATEWAY_PORT"]["value"])
+    assert {"name": "api", "containerPort": port} in container["ports"]
+    (service,) = [s for s in of(objects, "Service") if s["metadata"]["name"] == "voicebus-gateway"]
+    assert service["spec"]["ports"][0]["targetPort"] == "api"
+    (policy,) = [p for p in of(objects, "NetworkPolicy") if p["metadata"]["name"] == "gateway-public"]
+    assert {"port": port} in policy["spec"]["ingress"][0]["ports"]
+    (livekit,) = [s for s in of(objects, "Service") if s["metadata"]["name"] == "livekit"]
+    for name in ("voicebus-ingress", "voicebus-egress", "voicebus-gateway"):
+        env = env_of(deployments[name])
+        assert env["LIVEKIT_URL"]["value"] == f"ws://livekit:{livekit['spec']['ports'][0]['port']}"
+        refs = {k: env[k]["valueFrom"]["secretKeyRef"] for k in ("LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")}
+        assert all(r["name"].startswith("voicebus-livekit") for r in refs.values())  # dev: name-hash
+    for stage, provider in (("stt", "deepgram"), ("dialogue", "anthropic"), ("tts", "elevenlabs")):
+        ref = env_of(deployments[f"voicebus-{stage}"])[f"{provider.upper()}_API_KEY"]["valueFrom"][
+            "secretKeyRef"
+        ]
+        assert ref["name"].startswith("voicebus-providers")
+        assert (ref["key"], ref["optional"]) == (provider, True)
+
+
+def test_dev_livekit_server_and_services_use_the_same_key_pair() -> None:
+    dev = render("dev")
+    (secret,) = [s for s in of(dev, "Secret") if s["metadata"]["name"].startswith("voicebus-livekit")]
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert data["keys"] == f"{data['api-key']}: {data['api-secret']}"

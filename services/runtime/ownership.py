@@ -72,6 +72,7 @@ class Ownership:
         self._claims_sub: Subscription | None = None
         self._watches: list[Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._claiming: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
         self._started_ts = time.time_ns()
         self.draining = False
@@ -96,9 +97,9 @@ class Ownership:
 
     async def stop(self) -> None:
         """Stop every background task and watch (after drain)."""
-        for task in self._tasks:
+        for task in [*self._tasks, *self._claiming]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._claiming, return_exceptions=True)
         for sub in [*self._watches, *([self._claims_sub] if self._claims_sub else [])]:
             with contextlib.suppress(Exception):  # the connection may be gone already
                 await sub.unsubscribe()
@@ -149,6 +150,12 @@ class Ownership:
         )
 
     async def _on_claim(self, msg: Msg) -> None:
+        """Answer each claim in its own task: starting one session must not hold up the next claims."""
+        task = asyncio.create_task(self._answer_claim(msg), name="claim")
+        self._claiming.add(task)
+        task.add_done_callback(self._claiming.discard)
+
+    async def _answer_claim(self, msg: Msg) -> None:
         try:
             request = codec.decode_record(ClaimRequest, msg.data)
         except codec.ContractError as e:

@@ -21,6 +21,10 @@ from proto import subjects as sj
 from proto.system import ClaimReply, ClaimRequest
 from services.runtime.bus import Bus
 
+#: How long one claim request waits for its answer before asking again (the replica that got it may
+#: have died; a loaded one takes a while to start serving, and asking again only adds to its queue).
+CLAIM_ANSWER_S = 3.0
+
 
 class SessionOpenError(RuntimeError):
     """A stage did not take the session (no replica running, or it refused)."""
@@ -43,7 +47,8 @@ async def _claim(bus: Bus, stage: str, request: bytes, timeout_s: float) -> Clai
     last = "no replica answered"
     while time.monotonic() < deadline:
         try:
-            msg = await bus.nc.request(sj.CLAIM.subject(stage), request, timeout=1.0)
+            wait = min(CLAIM_ANSWER_S, max(0.1, deadline - time.monotonic()))
+            msg = await bus.nc.request(sj.CLAIM.subject(stage), request, timeout=wait)
         except NoRespondersError:
             last = f"no {stage} replica is running"
             await asyncio.sleep(0.2)

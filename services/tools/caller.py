@@ -260,6 +260,20 @@ class VirtualCaller:
         async with self._changed:
             self._changed.notify_all()
 
+    @property
+    def frames_fed(self) -> int:
+        """How many 20 ms frames the microphone has sent so far."""
+        return self._frames_fed
+
+    async def until_frame(self, index: int) -> None:
+        """Return when the microphone's schedule reaches frame ``index`` (a point inside an utterance)."""
+        await asyncio.sleep(max(0.0, self._t0 + index * self.frame_s - time.perf_counter()))
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
+        """Wait until ``predicate`` holds, re-checked whenever an event or an agent frame arrives."""
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(predicate), timeout_s)
+
     def of(self, kind: type[E]) -> list[E]:
         """Conversation events of one type seen so far."""
         return [e for e in self.events if isinstance(e, kind)]
@@ -270,7 +284,7 @@ class VirtualCaller:
     async def converse(self, pcm: bytes, number: int, *, idle_s: float = 0.4, timeout_s: float = 8.0) -> Turn:
         """One turn of SCENARIO.md: speak, then wait until the reply has played and output was idle.
 
-        A reply that has not finished playing within ``timeout_s`` of the caller's last speech frame
+        A reply that has not played to its end within ``timeout_s`` of the caller's last speech frame
         makes the turn missed.
         """
         turn = Turn(number)
@@ -279,8 +293,11 @@ class VirtualCaller:
         idle_ns = int(idle_s / self.spec.speed * 1e9)
 
         def reply_done() -> bool:
-            stopped = any(isinstance(e, ev.PlayoutStopped) and e.turn == number for e in self.events)
-            return stopped and time.time_ns() - self._last_heard_ns() >= idle_ns
+            # a reply cut short is not the answer: after a failover its regenerated successor follows
+            played = any(
+                isinstance(e, ev.PlayoutStopped) and e.turn == number and e.completed for e in self.events
+            )
+            return played and time.time_ns() - self._last_heard_ns() >= idle_ns
 
         while not reply_done():
             remaining = deadline - time.monotonic()

@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 
 from services.tools.stack import NatsServer
-from tests.bench import bargein, hop, report, turn
+from tests.bench import bargein, concurrency, failover, hop, report, turn
 
-SCENARIOS = ("hop", "turn", "barge-in", "local")
+SCENARIOS = ("hop", "turn", "barge-in", "local", "failover", "concurrency")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="just bench")
     parser.add_argument("scenarios", nargs="*", choices=[*SCENARIOS, []])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--sessions", type=int, nargs="*", help="loads of the concurrency scenario")
     args = parser.parse_args()
     for scenario in args.scenarios or SCENARIOS:
         if scenario == "hop":
@@ -32,6 +33,13 @@ def main() -> None:
                 print(report.write(name, bargein.run_bargein(args.runs, speed), bargein.UNITS))
         elif scenario == "local":
             print(report.write("local", turn.run_local(args.runs), turn.UNITS))
+        elif scenario == "failover":
+            print(report.write("failover", failover.run_failover(args.runs), failover.UNITS, failover.NOTE))
+        elif scenario == "concurrency":
+            loads = tuple(args.sessions) if args.sessions else concurrency.LOADS
+            print(
+                report.write("concurrency", concurrency.run_concurrency(args.runs, loads), concurrency.UNITS)
+            )
 
 
 if __name__ == "__main__":
