@@ -195,7 +195,7 @@ async def test_history_follows_what_the_caller_heard(
         # greeting, turn 1, the part of its reply the caller heard, turn 2
         assert spoken(second) == "I have 4 messages so far."
         await bus.publish(sj.PLAYOUT, played(session_id, 2, "I have 4 messages so far."))
-        state = await saved_state(bus, session_id, lambda s: len(s.history) == 5)
+        state = await saved_state(bus, session_id, lambda s: len(s.history) == 5 and s.answered_turn == 2)
 
     assert [(m.role, m.turn, m.interrupted) for m in state.history] == [
         ("assistant", 0, False),

@@ -25,6 +25,7 @@ async def fake(stack: Stack, bus: Bus, session_id: str) -> AsyncIterator[FakeAnt
     async with FakeAnthropic(token_gap_s=0.02) as server:
         env = {
             "VB_LLM_ENGINE": "anthropic",
+            "VB_DIALOGUE_PREEMPTIVE": "true",
             "ANTHROPIC_API_KEY": server.api_key,
             "VB_ANTHROPIC_BASE_URL": server.base_url,
         }

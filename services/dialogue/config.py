@@ -115,9 +115,10 @@ class DialogueConfig:
     )
     preemptive: bool = setting(
         "VB_DIALOGUE_PREEMPTIVE",
-        True,
+        False,
         "Start the LLM on a final transcript before the endpointing delay ends; its reply is sent only "
-        "if the turn ends with the same text, else it is cancelled.",
+        "if the turn ends with the same text, else it is cancelled. Saves up to the endpointing delay "
+        "per turn, and pays for a second LLM request whenever the caller goes on speaking.",
     )
 
     def __post_init__(self) -> None:
