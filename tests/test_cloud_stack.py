@@ -93,7 +93,7 @@ async def test_a_golden_session_comes_out_the_same_on_the_cloud_engines(
 
 #: what the caller of the interrupt test "says": caller PII that must not reach a log line or a span
 CARD, EMAIL, PHONE = "4111 1111 1111 1111", "jane.doe@example.com", "+44 20 7946 0958"
-PII_SAID = f"My card is {CARD}, my email {EMAIL} and my phone {PHONE}. Tell me a long story."
+PII_SAID = f"My card is {CARD}, my email {EMAIL} and my phone {PHONE}, tell me a long story."
 STORY = " ".join(["Once upon a time, on the terrace of the Blue Door, a dog waited for dinner."] * 6)
 
 
@@ -154,7 +154,9 @@ async def test_a_long_call_reads_more_of_its_prompt_from_the_cache_each_turn(
 async def test_a_tool_call_is_covered_by_its_filler_and_answered_from_the_tools_result(
     cloud_stack: Stack, fakes: CloudFakes, bus: Bus
 ) -> None:
-    fakes.deepgram.script = [Utterance("When is my appointment? My name is Sam Patel.", word_s=0.08)]
+    # one sentence: the fake hears words faster than they are spoken, and a finished-looking sentence
+    # at a pause in the caller's speech would end the turn there
+    fakes.deepgram.script = [Utterance("When is my appointment, my name is Sam Patel?", word_s=0.08)]
     answer = "You have a hygienist cleaning on Monday at two."
     fakes.anthropic.queue(
         Reply(text="", tool=("find_appointment", {"name": "Sam Patel"})), Reply(text=answer)
