@@ -179,8 +179,8 @@ async def test_history_follows_what_the_caller_heard(
     await start_dialogue(stack, tmp_path)
     greeting = "Hello, thanks for calling the weather line. How can I help?"
     spec = ev.SessionSpec(session=session_id, agent=ev.AgentSpec(greeting=greeting))
-    await open_session(bus, spec, stages=("dialogue",))
-    async with Tap(bus, session_id) as tap:
+    async with Tap(bus, session_id) as tap:  # listening first: the greeting starts with the session
+        await open_session(bus, spec, stages=("dialogue",))
         welcome = await reply_to(tap, 0)
         assert {c.kind for c in welcome} == {"greeting"}
         assert spoken(welcome) == greeting

@@ -43,7 +43,7 @@ ReplyKind = Literal["reply", "greeting"]
 class Watchdog:
     """How long a reply waits for the engine, and what the caller hears instead of dead air.
 
-    ``hold_line`` is spoken when no text has come ``hold_after_s`` after the request (a slow or
+    ``hold_line`` is spoken when nothing has gone out ``hold_after_s`` after the request (a slow or
     failing-over LLM); ``failed_line`` when the engine gives up before saying anything.
     """
 
@@ -144,9 +144,9 @@ class Reply:
                     self._check_stopped()
                     match delta:
                         case TextDelta(text=text) if text:
+                            limit = self.watchdog.stall_timeout_s
                             if not self._spoke:
                                 self._spoke = True
-                                limit = self.watchdog.stall_timeout_s
                                 self._mark("llm_first_token")
                                 self._observe("llm_ttft")
                             for chunk in self.chunker.push(text):

@@ -54,10 +54,13 @@ class ElevenLabsSettings:
         "VB_ELEVENLABS_RATE", 24000, "PCM rate requested from ElevenLabs (pcm_<rate>)."
     )
     first_audio_s: float = setting(
-        "VB_ELEVENLABS_FIRST_AUDIO", 1.5, "Seconds to the first audio of text sent before giving up."
+        "VB_ELEVENLABS_FIRST_AUDIO",
+        1.0,
+        "Seconds to the first audio of text sent before giving up (flash answers in ~0.1 s; the next "
+        "engine must still make it within 2 s of the caller's turn).",
     )
     stall_s: float = setting(
-        "VB_ELEVENLABS_STALL", 1.5, "Seconds of silence mid-audio that count as a stall."
+        "VB_ELEVENLABS_STALL", 1.0, "Seconds of silence mid-audio that count as a stall."
     )
     connect_s: float = setting("VB_ELEVENLABS_CONNECT", 1.0, "Seconds for the WebSocket or HTTP handshake.")
     keepalive_s: float = setting(
