@@ -14,9 +14,12 @@ import pytest
 from proto import events as ev
 from proto import subjects as sj
 from services.dialogue.bargein import Backchannels
+from services.dialogue.engines.bench import REPLY as BENCH_REPLY
 from services.runtime.bus import Bus
 from services.runtime.sessions import open_session
+from services.tools.caller import VirtualCaller, read_wav_16k
 from services.tools.stack import Stack
+from tests.bench.turn import BENCH_ENV, UTTERANCE
 from tests.fakes.anthropic import FakeAnthropic, Reply
 from tests.support.tap import Tap
 from tests.test_dialogue import WEATHER, chunks_of, reply_to, saved_state, start_dialogue, user_turn
@@ -238,6 +241,33 @@ async def test_speech_that_goes_on_interrupts_before_any_words_and_a_missed_ack_
     assert (interrupt.ts - speech.ts) / 1e6 >= 200  # the speech had to last VB_BARGEIN_MIN_SPEECH_MS
     assert not tap.of(ev.Transcript)
     assert sorted(e.message.split()[0] for e in missed) == ["egress", "tts"]
+
+
+async def test_the_caller_cuts_the_agent_off_through_all_five_stages(
+    stack: Stack, bus: Bus, session_id: str
+) -> None:
+    """The recorded utterance, said again over the reply: the real VAD pauses the egress, the speech's
+    length interrupts (the bench STT has no words before the end of speech), the barge-in is answered."""
+    env = BENCH_ENV | {"VB_TTS_BENCH_SPEED": "4"}
+    await stack.wait_ready_async([stack.spawn(stage, env=env) for stage in ev.STAGES])
+    pcm = read_wav_16k(UTTERANCE)
+    async with VirtualCaller(bus, ev.SessionSpec(session=session_id)) as caller:
+        said = await caller.say(pcm)
+        assert await caller.until(lambda: sum(h.audible and h.at_ns > said for h in caller.heard) >= 15)
+        await caller.say(pcm, lead_silence_s=0.0)
+        assert await caller.settle(2)
+        events, arrived = list(caller.events), list(caller.arrived_ns)
+
+    (interrupt,) = [e for e in events if isinstance(e, ev.Interrupt)]
+    assert interrupt.turn == 1
+    paused_at = next(t for e, t in zip(events, arrived, strict=True) if isinstance(e, ev.PlayoutPaused))
+    assert not [h for h in caller.heard if h.turn == 1 and h.at_ns > paused_at]
+    stops = {e.turn: e for e in events if isinstance(e, ev.PlayoutStopped)}
+    assert not stops[1].completed and stops[1].dropped_frames > 0
+    words = stops[1].heard_text.split()
+    assert 0 < len(words) < len(BENCH_REPLY.split()) and words == BENCH_REPLY.split()[: len(words)]
+    assert {a.stage for a in events if isinstance(a, ev.ControlAck) and a.acked == "Interrupt"} == set(STAGES)
+    assert stops[2].completed and stops[2].heard_text == BENCH_REPLY
 
 
 @pytest.mark.parametrize(
