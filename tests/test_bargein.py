@@ -189,6 +189,25 @@ async def test_a_late_frame_of_an_interrupted_reply_is_never_played(
     assert {"barge_in_speech", "barge_in_paused", "barge_in_stopped"} <= marks
 
 
+async def test_a_reply_that_comes_while_the_caller_speaks_waits_for_the_decision(
+    stack: Stack, bus: Bus, session_id: str
+) -> None:
+    await start_egress(stack)
+    await open_session(bus, ev.SessionSpec(session=session_id), stages=("egress",))
+    async with Tap(bus, session_id) as tap:
+        await bus.publish(sj.SPEECH, started(session_id, 0, 10_000))
+        await send_reply(bus, reply(session_id, 1, 20))
+        (paused,) = await tap.wait(ev.PlayoutPaused)
+        held = len(media_out(tap, 1))
+        await bus.publish(sj.SPEECH, stopped(session_id, 0, 10_000, 10_300))
+        await bus.publish(sj.CONTROL, ev.Resume(session=session_id, turn=1))
+        (stop,) = await tap.wait(ev.PlayoutStopped)
+
+    assert (paused.turn, paused.played_ms, held) == (1, 0, 0)
+    assert stop.completed and [i for i, _ in media_out(tap, 1)] == list(range(20))
+    assert not tap.of(ev.TurnMark, lambda m: m.mark.startswith("barge_in"))  # nothing had played yet
+
+
 async def test_an_interruption_closes_the_llm_stream_at_the_provider(
     stack: Stack, bus: Bus, session_id: str
 ) -> None:
