@@ -32,6 +32,7 @@ from proto import events as ev
 from proto import subjects as sj
 from services.dialogue.config import DialogueConfig
 from services.runtime import tracing
+from services.runtime.bus import Delivery
 from services.runtime.service import SessionContext
 
 log = logging.getLogger("voicebus.dialogue")
@@ -154,7 +155,7 @@ class BargeIn:
         self._acked = asyncio.Event()
         self._loop = asyncio.get_running_loop()
 
-    def on_event(self, event: ev.Event, delivery: Any) -> None:
+    def on_event(self, event: ev.Event, delivery: Delivery) -> None:
         """Follow the caller's speech, its transcripts, the playout and the acks; decide when due."""
         now = self._loop.time()
         match event:
