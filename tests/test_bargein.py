@@ -14,9 +14,12 @@ import pytest
 from proto import events as ev
 from proto import subjects as sj
 from services.dialogue.bargein import Backchannels
+from services.dialogue.engines.bench import REPLY as BENCH_REPLY
 from services.runtime.bus import Bus
 from services.runtime.sessions import open_session
+from services.tools.caller import VirtualCaller, read_wav_16k
 from services.tools.stack import Stack
+from tests.bench.turn import BENCH_ENV, UTTERANCE
 from tests.fakes.anthropic import FakeAnthropic, Reply
 from tests.support.tap import Tap
 from tests.test_dialogue import WEATHER, chunks_of, reply_to, saved_state, start_dialogue, user_turn
@@ -186,6 +189,25 @@ async def test_a_late_frame_of_an_interrupted_reply_is_never_played(
     assert {"barge_in_speech", "barge_in_paused", "barge_in_stopped"} <= marks
 
 
+async def test_a_reply_that_comes_while_the_caller_speaks_waits_for_the_decision(
+    stack: Stack, bus: Bus, session_id: str
+) -> None:
+    await start_egress(stack)
+    await open_session(bus, ev.SessionSpec(session=session_id), stages=("egress",))
+    async with Tap(bus, session_id) as tap:
+        await bus.publish(sj.SPEECH, started(session_id, 0, 10_000))
+        await send_reply(bus, reply(session_id, 1, 20))
+        (paused,) = await tap.wait(ev.PlayoutPaused)
+        held = len(media_out(tap, 1))
+        await bus.publish(sj.SPEECH, stopped(session_id, 0, 10_000, 10_300))
+        await bus.publish(sj.CONTROL, ev.Resume(session=session_id, turn=1))
+        (stop,) = await tap.wait(ev.PlayoutStopped)
+
+    assert (paused.turn, paused.played_ms, held) == (1, 0, 0)
+    assert stop.completed and [i for i, _ in media_out(tap, 1)] == list(range(20))
+    assert not tap.of(ev.TurnMark, lambda m: m.mark.startswith("barge_in"))  # nothing had played yet
+
+
 async def test_an_interruption_closes_the_llm_stream_at_the_provider(
     stack: Stack, bus: Bus, session_id: str
 ) -> None:
@@ -238,6 +260,33 @@ async def test_speech_that_goes_on_interrupts_before_any_words_and_a_missed_ack_
     assert (interrupt.ts - speech.ts) / 1e6 >= 200  # the speech had to last VB_BARGEIN_MIN_SPEECH_MS
     assert not tap.of(ev.Transcript)
     assert sorted(e.message.split()[0] for e in missed) == ["egress", "tts"]
+
+
+async def test_the_caller_cuts_the_agent_off_through_all_five_stages(
+    stack: Stack, bus: Bus, session_id: str
+) -> None:
+    """The recorded utterance, said again over the reply: the real VAD pauses the egress, the speech's
+    length interrupts (the bench STT has no words before the end of speech), the barge-in is answered."""
+    env = BENCH_ENV | {"VB_TTS_BENCH_SPEED": "4"}
+    await stack.wait_ready_async([stack.spawn(stage, env=env) for stage in ev.STAGES])
+    pcm = read_wav_16k(UTTERANCE)
+    async with VirtualCaller(bus, ev.SessionSpec(session=session_id)) as caller:
+        said = await caller.say(pcm)
+        assert await caller.until(lambda: sum(h.audible and h.at_ns > said for h in caller.heard) >= 15)
+        await caller.say(pcm, lead_silence_s=0.0)
+        assert await caller.settle(2)
+        events, arrived = list(caller.events), list(caller.arrived_ns)
+
+    (interrupt,) = [e for e in events if isinstance(e, ev.Interrupt)]
+    assert interrupt.turn == 1
+    paused_at = next(t for e, t in zip(events, arrived, strict=True) if isinstance(e, ev.PlayoutPaused))
+    assert not [h for h in caller.heard if h.turn == 1 and h.at_ns > paused_at]
+    stops = {e.turn: e for e in events if isinstance(e, ev.PlayoutStopped)}
+    assert not stops[1].completed and stops[1].dropped_frames > 0
+    words = stops[1].heard_text.split()
+    assert 0 < len(words) < len(BENCH_REPLY.split()) and words == BENCH_REPLY.split()[: len(words)]
+    assert {a.stage for a in events if isinstance(a, ev.ControlAck) and a.acked == "Interrupt"} == set(STAGES)
+    assert stops[2].completed and stops[2].heard_text == BENCH_REPLY
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,7 @@ from proto import events as ev
 from proto import subjects as sj
 from services.dialogue.config import DialogueConfig
 from services.runtime import tracing
+from services.runtime.bus import Delivery
 from services.runtime.service import SessionContext
 
 log = logging.getLogger("voicebus.dialogue")
@@ -149,11 +150,12 @@ class BargeIn:
         self.pause: Pause | None = None
         self.backchannel_turns: list[int] = []
         self._traces: dict[int, Context | None] = {}  # turn -> trace of its reply (PlayoutStarted)
+        self._playing: set[int] = set()  # turns whose reply has started and not stopped playing
         self._acks: dict[tuple[str, int], set[str]] = {}
         self._acked = asyncio.Event()
         self._loop = asyncio.get_running_loop()
 
-    def on_event(self, event: ev.Event, delivery: Any) -> None:
+    def on_event(self, event: ev.Event, delivery: Delivery) -> None:
         """Follow the caller's speech, its transcripts, the playout and the acks; decide when due."""
         now = self._loop.time()
         match event:
@@ -172,12 +174,15 @@ class BargeIn:
                 self.speech.text, self.speech.final, self.speech.turn = event.text, event.is_final, event.turn
                 self._judge()
             case ev.PlayoutStarted(turn=turn):
+                self._playing.add(turn)
                 self._traces[turn] = delivery.parent
                 while len(self._traces) > KEEP_TURNS:
                     del self._traces[min(self._traces)]
             case ev.PlayoutPaused(turn=turn, played_ms=played_ms):
                 self._paused(turn, played_ms, now)
             case ev.PlayoutResumed(turn=turn) | ev.PlayoutStopped(turn=turn):
+                if isinstance(event, ev.PlayoutStopped):
+                    self._playing.discard(turn)
                 if self.pause is not None and self.pause.turn == turn:  # over without a decision
                     self._close_pause()
             case ev.ControlAck(acked=acked, acked_seq=seq, stage=stage):
@@ -188,10 +193,13 @@ class BargeIn:
                 self._acked.set()
 
     def ignores(self, turn: ev.UserTurnEnded) -> bool:
-        """A turn that was only a backchannel over the agent's reply gets no reply of its own."""
-        if turn.turn not in self.backchannel_turns:
+        """A turn that was only a backchannel over the agent's reply gets no reply of its own.
+
+        Over it: judged a backchannel during a pause, or it ends while the agent is still talking.
+        """
+        if turn.turn not in self.backchannel_turns and not self._playing:
             return False
-        return self.policy.backchannels.classify(turn.text)[0] != "words"
+        return self.policy.backchannels.classify(turn.text)[0] == "backchannel"
 
     def close(self) -> None:
         """The session is closing here: forget a pending decision (its timer, its span)."""

@@ -98,6 +98,7 @@ class EgressWorker(SessionWorker[EgressState]):
         self._caller_seen = asyncio.Event()
         self._pacing: list[asyncio.Task[None]] = []
         self._pause_guard: asyncio.Task[None] | None = None
+        self._speaking: ev.SpeechStarted | None = None  # the caller is speaking (the VAD's open segment)
         self._ended = False
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -165,6 +166,8 @@ class EgressWorker(SessionWorker[EgressState]):
                 )
                 frames[verdict].inc()
                 self._stopped(stops)
+                if self._speaking is not None and self.cfg.pause_on_speech:
+                    await self._pause(self._speaking)  # a reply that comes while the caller talks waits
                 self.playout.wake()
                 self._update_quiet()
             case ev.AgentAudioEnd():
@@ -205,30 +208,38 @@ class EgressWorker(SessionWorker[EgressState]):
                 self._unpause()  # the barge-in is decided: later replies play
                 self.reports.send(functools.partial(self.ctx.mark, turn, "barge_in_stopped"))
             case ev.SpeechStarted() if self.cfg.pause_on_speech:
+                self._speaking = event
                 await self._pause(event)
+            case ev.SpeechStopped():
+                self._speaking = None
             case ev.Resume():
                 await self._resume(event)
             case ev.SessionEnded():
                 await self._end(event)
 
     async def _pause(self, speech: ev.SpeechStarted) -> None:
-        """The caller started speaking over a reply: hold it now (the fast stop), tell the dialogue."""
+        """Hold the reply while the caller speaks over it (or it comes while they speak); tell the dialogue.
+
+        A reply that had started playing makes it a barge-in, timed from the caller's speech onset.
+        """
         paused_ns = time.time_ns()
         reply = self.timeline.pause(self.clock.now())
         if reply is None:
-            return  # the agent is not speaking: nothing to stop
+            return  # the agent is not speaking (or is already held): nothing to stop
         await self.sink.flush()
-        onset_ns = speech_onset_ns(speech, self.ctx.spec.speed)
-        latency_s = (paused_ns - onset_ns) / 1e9
-        bargein_latency.observe(latency_s)
-        if (span := self._spans.get(reply.key)) is not None:
-            span.add_event("paused", {"played_ms": reply.played_ms, "bargein_latency_ms": latency_s * 1000})
         paused = ev.PlayoutPaused(
             session=self.ctx.session, turn=reply.turn, generation=reply.generation, played_ms=reply.played_ms
         )
         self.reports.send(functools.partial(self.ctx.publish, sj.PLAYOUT, paused))
-        self.reports.send(functools.partial(self.ctx.mark, reply.turn, "barge_in_speech", onset_ns))
-        self.reports.send(functools.partial(self.ctx.mark, reply.turn, "barge_in_paused", paused_ns))
+        if reply.started:
+            onset_ns = speech_onset_ns(speech, self.ctx.spec.speed)
+            latency_s = (paused_ns - onset_ns) / 1e9
+            bargein_latency.observe(latency_s)
+            if (span := self._spans.get(reply.key)) is not None:
+                attributes = {"played_ms": reply.played_ms, "bargein_latency_ms": latency_s * 1000}
+                span.add_event("paused", attributes)
+            self.reports.send(functools.partial(self.ctx.mark, reply.turn, "barge_in_speech", onset_ns))
+            self.reports.send(functools.partial(self.ctx.mark, reply.turn, "barge_in_paused", paused_ns))
         self._pause_guard = self.ctx.spawn(self._pause_timeout(), "pause-guard")
 
     async def _pause_timeout(self) -> None:

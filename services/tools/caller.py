@@ -74,6 +74,9 @@ class HeardFrame:
     index: int
     at_ns: int
     audible: bool
+    #: When the egress handed it out (its stamp): orders it against the egress's playout reports,
+    #: which arrive through another subscription.
+    sent_ns: int = 0
 
 
 @dataclass
@@ -246,7 +249,8 @@ class VirtualCaller:
         except codec.ContractError:
             return
         if isinstance(frame, ev.AgentAudioFrame):
-            self.heard.append(HeardFrame(frame.turn, frame.generation, frame.index, at, audible(frame.pcm)))
+            heard = HeardFrame(frame.turn, frame.generation, frame.index, at, audible(frame.pcm), frame.ts)
+            self.heard.append(heard)
             async with self._changed:
                 self._changed.notify_all()
 

@@ -63,22 +63,24 @@ async def trial(caller: VirtualCaller, pcm: bytes, turns: int) -> dict[str, floa
     first_fed = last_fed - (len(pcm) // (2 * 320) - 1) * FRAME_NS
     if not await caller.settle(turns + 2, timeout_s=15.0):
         return None
-    flush = min(
+    flush, flush_sent = min(
         (
-            at
+            (at, e.ts)
             for e, at in zip(caller.events, caller.arrived_ns, strict=True)
             if isinstance(e, ev.PlayoutPaused | ev.PlayoutStopped) and e.turn == old and at > first_fed
         ),
-        default=None,
+        default=(None, 0),
     )
     cut = [e for e in caller.of(ev.PlayoutStopped) if e.turn == old]
     frames = [h for h in caller.heard if h.turn == old and h.audible]
     # the virtual speaker: each frame starts at max(arrival, end of the one before); the flush signal
-    # cuts the frame playing and drops those queued; a frame arriving after it plays
+    # cuts the frame playing and drops those the egress handed out before it; one handed out after it
+    # (the egress's stamps order them: frames and reports reach the caller by separate subscriptions)
+    # plays, and means the rest of the old reply was not dropped
     end, audible_end, late = 0, 0, 0
     for h in frames:
         start = max(h.at_ns, end)
-        after = flush is not None and h.at_ns >= flush
+        after = flush is not None and h.sent_ns > flush_sent
         if flush is not None and not after and start >= flush:
             continue
         end = start + FRAME_NS if flush is None or after else min(start + FRAME_NS, flush)
