@@ -76,6 +76,7 @@ async def test_a_call_survives_a_nats_restart(
 
     run = await failover.call_with_fault(bus, "nats", restart, owner_stage="dialogue")
     assert_call_went_on(run)
+    assert run.new_owner is not None and run.new_owner.epoch == 1  # an outage is not a replica's death
     assert all(p.alive or p.proc.returncode == -signal.SIGKILL for p in system.processes)
 
 

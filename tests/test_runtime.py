@@ -14,7 +14,7 @@ import pytest
 from proto import codec
 from proto import events as ev
 from proto import subjects as sj
-from proto.system import OwnerRecord
+from proto.system import OwnerRecord, ReplicaLease
 from services.runtime import tracing
 from services.runtime.bus import Bus
 from services.runtime.sessions import SessionOpenError, open_session
@@ -176,3 +176,33 @@ async def test_services_carry_on_after_nats_restarts(
         assert (await owner_of(edge, "stt", session_id)).epoch == 1  # same owner, no takeover
     finally:
         await edge.close()
+
+
+async def test_a_stalled_nats_is_not_taken_for_dead_replicas(
+    stack: Stack, nats_server: NatsServer | ContainerNats, bus: Bus, session_id: str
+) -> None:
+    await start_probes(stack, 2)
+    owners = await open_session(bus, ev.SessionSpec(session=session_id), stages=("stt",))
+    lease_ttl = float(stack.env["VB_LEASE_TTL"])
+    nats_server.freeze()
+    try:
+        await asyncio.sleep(3 * lease_ttl)  # the stall being simulated: every lease goes stale meanwhile
+    finally:
+        nats_server.freeze(False)
+    resumed = time.time_ns()
+
+    # every replica beats three times after the resume, so each has run its takeover sweep since
+    replicas = {p.replica for p in stack.of("stt")}
+    beats = dict.fromkeys(replicas, 0)
+    watcher = await bus.kv[sj.REPLICAS_BUCKET].watch(sj.replica_key("stt", "*"))
+    try:
+        while min(beats.values()) < 3:
+            entry = await watcher.updates(timeout=10)
+            if entry is not None and entry.value:
+                lease = codec.decode_record(ReplicaLease, entry.value)
+                if lease.replica in beats and lease.beat_ts > resumed:
+                    beats[lease.replica] += 1
+    finally:
+        await watcher.stop()
+    record = await owner_of(bus, "stt", session_id)
+    assert (record.replica, record.epoch) == (owners["stt"].replica, 1)

@@ -75,6 +75,7 @@ class Bus:
         self.kv: dict[str, KeyValue] = {}
         self.reconnected: asyncio.Event = asyncio.Event()
         self.closing = False
+        self._resuming: set[asyncio.Task[None]] = set()
 
     # --- connection -------------------------------------------------------------------------------
 
@@ -94,6 +95,7 @@ class Bus:
             log.info("reconnected to nats")
             if holder:
                 holder[0].reconnected.set()
+                holder[0]._resume_consumers()
 
         tls = ssl.create_default_context(cafile=cfg.nats_tls_ca) if cfg.nats_tls_ca else None
         nc = await nats.connect(
@@ -155,6 +157,27 @@ class Bus:
             return await self.js.create_key_value(config)
         except BadRequestError:  # created by a peer in the meantime
             return await self.js.key_value(name)
+
+    def _resume_consumers(self) -> None:
+        """After a reconnect, restart every ordered consumer at once after the last event it delivered.
+
+        A restarted nats-server has lost them; the client would notice only after two missed idle
+        heartbeats (2 s of a silent call). This uses the client's own reset, which nats-py does not
+        expose; if it fails (JetStream still recovering), the heartbeat check resets the consumer later.
+        """
+
+        async def resume() -> None:
+            for sub in list(self.nc._subs.values()):
+                jsi = getattr(sub, "_jsi", None)
+                if jsi is not None and jsi._ordered:
+                    try:
+                        await jsi.reset_ordered_consumer(jsi._sseq + 1)
+                    except Exception as e:  # the heartbeat check resets it later
+                        log.warning("could not resume a consumer after reconnect: %s", type(e).__name__)
+
+        task = asyncio.create_task(resume(), name="resume-consumers")
+        self._resuming.add(task)
+        task.add_done_callback(self._resuming.discard)
 
     async def close(self) -> None:
         """Flush what is buffered and close the connection."""

@@ -9,6 +9,8 @@
 - A draining replica writes its records back with an empty owner ("released"), and peers take them
   at once instead of waiting for the lease to lapse.
 - A replica that sees another owner on a record it holds (it was presumed dead) stops serving it.
+- A lease lapses relative to the replica's own lease as its watch delivers it, so a NATS that is slow
+  to store or deliver heartbeats (overload, a stall) does not make live peers look dead.
 """
 
 from __future__ import annotations
@@ -342,7 +344,13 @@ class Ownership:
         if replica == self.replica:
             return True
         peer = self._peers.get(replica)
-        return peer is not None and time.monotonic() - peer.seen < self.cfg.lease_ttl_s
+        if peer is None:
+            return False
+        # Measured against our own lease as the watch delivered it, not the clock: when NATS is slow
+        # (overloaded, stalled) every lease arrives late, ours included, and nobody is presumed dead.
+        own = self._peers.get(self.replica)
+        reference = own.seen if own is not None else time.monotonic()
+        return reference - peer.seen < self.cfg.lease_ttl_s
 
     # --- takeover ---------------------------------------------------------------------------------
 

@@ -83,6 +83,11 @@ class NatsServer:
             self.proc.kill()
             self.proc.wait()
 
+    def freeze(self, frozen: bool = True) -> None:
+        """Stop (SIGSTOP) or resume (SIGCONT) the server: connections stay open, nothing is answered."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGSTOP if frozen else signal.SIGCONT)
+
     def stop(self) -> None:
         """Stop the server and remove a store directory it created."""
         if self.proc and self.proc.poll() is None:

@@ -78,9 +78,11 @@ async def _callers(url: str, starts: list[float]) -> list[Call | None]:
         await bus.close()
 
 
-def drive(url: str, starts: list[float]) -> list[Call | None]:
-    """A driver process: the callers whose start offsets are ``starts`` (None: a call not taken or lost)."""
-    return asyncio.run(_callers(url, starts))
+def drive(url: str, starts: list[float]) -> tuple[list[Call | None], float]:
+    """A driver process: the callers whose start offsets are ``starts`` (None: a call not taken or lost),
+    and the CPU seconds the driver used (the load generator shares the machine with the system)."""
+    calls = asyncio.run(_callers(url, starts))
+    return calls, time.process_time()
 
 
 def run_load(sessions: int) -> dict[str, float]:
@@ -110,7 +112,8 @@ def run_load(sessions: int) -> dict[str, float]:
             while not all(f.done() for f in futures):
                 peak_rss = max(peak_rss, sum(rss_bytes(pid) for pid in pids))
                 time.sleep(1.0)  # sampling period of the memory reading, not a synchronisation
-            results = [call for f in futures for call in f.result()]
+            results = [call for f in futures for call in f.result()[0]]
+            callers_cpu = sum(f.result()[1] for f in futures)
         window = time.monotonic() - began
         cpu = {pid: cpu_seconds(pid) - cpu_before[pid] for pid in pids}
     finally:
@@ -129,6 +132,7 @@ def run_load(sessions: int) -> dict[str, float]:
         "cpu_s_per_session_min": sum(cpu.values()) / session_minutes,
         "idle_system_cpu_cores": idle_rate,
         "cpu_cores_busy": sum(cpu.values()) / window,
+        "callers_cpu_cores": callers_cpu / window,
         "rss_mb_per_session": (peak_rss - idle_rss) / sessions / 2**20,
     }
     for name in ("nats", *ev.STAGES):

@@ -50,6 +50,10 @@ class ContainerNats:
     def kill(self) -> None:
         self.container.get_wrapped_container().kill()
 
+    def freeze(self, frozen: bool = True) -> None:
+        container = self.container.get_wrapped_container()
+        container.pause() if frozen else container.unpause()
+
     def stop(self) -> None:
         with contextlib.suppress(Exception):
             self.container.stop()
