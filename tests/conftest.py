@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from nats.js.errors import NoKeysError
 
+from proto import subjects as sj
 from services.runtime.bus import Bus
 from services.runtime.config import RuntimeConfig, load
+from services.runtime.sessions import end_session
 from services.tools.stack import Stack
 from tests.support.nats import ContainerNats, NatsServer, make_server
 from tests.support.netns import NetnsUnavailable, veth_address
@@ -78,6 +82,20 @@ def _ours(task: asyncio.Task[object]) -> bool:
     """Tasks of the code under test, not those of the clients in ``_THEIRS``."""
     code = getattr(task.get_coro(), "cr_code", None)
     return code is None or not any(part in code.co_filename for part in _THEIRS)
+
+
+@pytest.fixture(autouse=True)
+async def calls_hung_up(bus: Bus) -> AsyncIterator[None]:
+    """End every call a test left open, once its processes are gone.
+
+    The test server outlives each test, and a session in the registry whose replicas died is exactly
+    what a live replica takes over (that is failover): a later test's replicas would answer an earlier
+    test's calls, on its fakes.
+    """
+    yield
+    with contextlib.suppress(NoKeysError):
+        for session in await bus.kv[sj.SESSIONS_BUCKET].keys():
+            await end_session(bus, session, reason="operator")
 
 
 @pytest.fixture(autouse=True)
