@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from services.tools.caller import Turn
 
 CALLER = Path(__file__).with_name("data") / "caller"
+#: From the caller's last word to the reply played to its end, before the turn counts as missed.
+REPLY_TIMEOUT_S = 60.0
 AGENT = ev.AgentSpec(
     instructions=(
         "You are the booking line of the Blue Door restaurant. You take table reservations. "
@@ -119,7 +121,9 @@ async def run(
         async with VirtualCaller(bus, spec) as caller:
             for number, utterance in enumerate(utterances, start=1):
                 say(quiet, f"turn {number}: the caller speaks...")
-                turn = await caller.converse(utterance, number, timeout_s=20.0)
+                # the offline model's replies can run to several sentences, and a turn counts once its
+                # reply has played to the end
+                turn = await caller.converse(utterance, number, timeout_s=REPLY_TIMEOUT_S)
                 results.append(turn)
                 if turn.missed:
                     say(quiet, f"  turn {number}: no reply in time")
