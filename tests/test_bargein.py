@@ -21,8 +21,9 @@ from services.tools.caller import VirtualCaller, read_wav_16k
 from services.tools.stack import Stack
 from tests.bench.turn import BENCH_ENV, UTTERANCE
 from tests.fakes.anthropic import FakeAnthropic, Reply
+from tests.support.checkpoints import saved_state
 from tests.support.tap import Tap
-from tests.test_dialogue import WEATHER, chunks_of, reply_to, saved_state, start_dialogue, user_turn
+from tests.test_dialogue import WEATHER, chunks_of, reply_to, start_dialogue, user_turn
 from tests.test_egress import media_out, played, reply, send_reply, start_egress
 
 STAGES = ("dialogue", "tts", "egress")

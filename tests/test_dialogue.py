@@ -8,23 +8,19 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from nats.aio.msg import Msg
-from nats.js.kv import KeyValue
 from opentelemetry.sdk.trace import TracerProvider
 
-from proto import codec
 from proto import events as ev
 from proto import subjects as sj
-from proto.state import DialogueState
-from proto.system import Checkpoint
 from services.dialogue.config import DialogueConfig
 from services.runtime.bus import Bus
 from services.runtime.sessions import open_session
 from services.tools.stack import Stack
+from tests.support.checkpoints import saved_state
 from tests.support.tap import Tap
 
 WEATHER = (
@@ -94,22 +90,6 @@ async def story_started(bus: Bus, tap: Tap, session: str) -> None:
     """Turn 1 asks for the long story; returns once its first chunk is out (the rest still streams)."""
     await bus.publish(sj.TURN, user_turn(session, 1, "Tell me a story"))
     await tap.wait(ev.ReplyChunk, lambda c: c.turn == 1)
-
-
-async def saved_state(bus: Bus, session: str, until: Callable[[DialogueState], bool]) -> DialogueState:
-    """The dialogue's checkpoint of ``session``, once one satisfies ``until`` (watching the bucket)."""
-    kv: KeyValue = bus.kv[sj.STATE_BUCKET]
-    watcher = await kv.watch(sj.state_key("dialogue", session))
-    try:
-        while True:
-            entry = await watcher.updates(timeout=15)
-            if entry is None or not entry.value:
-                continue
-            state = codec.decode_record(DialogueState, codec.decode_record(Checkpoint, entry.value).state)
-            if until(state):
-                return state
-    finally:
-        await watcher.stop()
 
 
 async def test_reply_streams_in_chunks_as_soon_as_they_are_speakable(

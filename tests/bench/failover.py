@@ -20,23 +20,21 @@ import re
 import signal
 import statistics
 import tempfile
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nats.js.errors import NotFoundError
-
 from proto import codec
 from proto import events as ev
 from proto import subjects as sj
-from proto.state import DialogueMessage, DialogueState
-from proto.system import Checkpoint, OwnerRecord
+from proto.state import DialogueMessage
+from proto.system import OwnerRecord
 from services.runtime.bus import Bus
 from services.runtime.config import RuntimeConfig, load
 from services.tools.caller import ALIGN_FRAMES, Turn, VirtualCaller, read_wav_16k
 from services.tools.stack import NatsServer, Stack
+from tests.support.checkpoints import saved_state
 
 UTTERANCE = Path(__file__).resolve().parent.parent / "data" / "speech_1500ms_16k.wav"
 SPOKEN = "what is the weather like today"
@@ -77,24 +75,9 @@ async def owner_of(bus: Bus, stage: str, session: str) -> OwnerRecord:
     return codec.decode_record(OwnerRecord, entry.value or b"")
 
 
-async def dialogue_history(
-    bus: Bus, session: str, messages: int, timeout_s: float = 10.0
-) -> list[DialogueMessage]:
+async def dialogue_history(bus: Bus, session: str, messages: int) -> list[DialogueMessage]:
     """The conversation as the dialogue stage checkpointed it, once it holds ``messages`` messages."""
-    deadline = time.monotonic() + timeout_s
-    history: list[DialogueMessage] = []
-    while time.monotonic() < deadline:
-        try:
-            entry = await bus.kv[sj.STATE_BUCKET].get(sj.state_key("dialogue", session))
-        except NotFoundError:
-            entry = None
-        if entry is not None and entry.value:
-            checkpoint = codec.decode_record(Checkpoint, entry.value)
-            history = codec.decode_record(DialogueState, checkpoint.state).history
-            if len(history) >= messages:
-                break
-        await asyncio.sleep(0.05)  # polling the bucket: the checkpoint lands after PlayoutStopped
-    return history
+    return (await saved_state(bus, session, lambda s: len(s.history) >= messages, timeout_s=10.0)).history
 
 
 @dataclass
