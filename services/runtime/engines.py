@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 from services.runtime.config import ConfigError
@@ -19,33 +20,35 @@ E = TypeVar("E")
 log = logging.getLogger("voicebus.engines")
 
 
-def chain_names(
-    stage: str,
-    engine: str,
-    fallback: str,
-    *,
-    preference: Sequence[str],
-    local: Sequence[str],
-    known: Sequence[str],
-    cloud_key: bool,
-) -> list[str]:
-    """The engines to load, primary first.
+@dataclass(frozen=True)
+class Choice:
+    """A stage's engines and how its chain is chosen.
 
     ``preference`` orders the engines a chain falls back through (cloud first), ``local`` the ones
-    that run offline, ``known`` every engine name the stage has (bench and test engines too).
+    that run offline, ``known`` every name the stage has (bench and test engines too).
     """
-    primary = engine if engine != "auto" else preference[0] if cloud_key else local[0]
-    if fallback == "auto":
-        after = preference[preference.index(primary) + 1 :] if primary in preference else ()
-        rest = [n for n in after if n in local]
-    elif fallback == "none":
-        rest = []
-    else:
-        rest = [n.strip() for n in fallback.split(",") if n.strip()]
-    names = list(dict.fromkeys([primary, *rest]))
-    if unknown := [n for n in names if n not in known]:
-        raise ConfigError(f"unknown {stage} engine {', '.join(unknown)}: use {', '.join(known)}")
-    return names
+
+    stage: str
+    preference: Sequence[str]
+    local: Sequence[str]
+    known: Sequence[str]
+
+    def names(self, engine: str, fallback: str, cloud_key: bool) -> list[str]:
+        """The engines to load, primary first (``auto``: the cloud engine when its key is set)."""
+        primary = engine if engine != "auto" else self.preference[0] if cloud_key else self.local[0]
+        if fallback == "auto":
+            order = list(self.preference)
+            after = order[order.index(primary) + 1 :] if primary in order else []
+            rest = [n for n in after if n in self.local]
+        elif fallback == "none":
+            rest = []
+        else:
+            rest = [n.strip() for n in fallback.split(",") if n.strip()]
+        names = list(dict.fromkeys([primary, *rest]))
+        if unknown := [n for n in names if n not in self.known]:
+            use = ", ".join(self.known)
+            raise ConfigError(f"unknown {self.stage} engine {', '.join(unknown)}: use {use}")
+        return names
 
 
 def load_all(stage: str, names: Sequence[str], load: Callable[[str], E]) -> list[E]:

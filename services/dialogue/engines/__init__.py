@@ -17,28 +17,21 @@ from services.dialogue.engines.base import LlmEngine
 from services.dialogue.engines.fallback import FallbackLlmEngine, FallbackSettings
 from services.runtime import engines
 
-#: Engines in order of preference; ``auto`` fallbacks are the local engines after the primary.
-PREFERENCE = ("anthropic", "local")
-LOCAL = ("local",)
 MODULES: dict[str, str] = {
     "local": "services.dialogue.engines.local",
     "scripted": "services.dialogue.engines.scripted",
     "bench": "services.dialogue.engines.bench",
 }
-ENGINES = ("anthropic", *MODULES)
+
+#: Engines in order of preference; ``auto`` fallbacks are the local engines after the primary.
+CHOICE = engines.Choice(
+    "dialogue", preference=("anthropic", "local"), local=("local",), known=("anthropic", *MODULES)
+)
 
 
 def chain_names(cfg: DialogueConfig, cloud_key: bool) -> list[str]:
     """The engines to load, primary first."""
-    return engines.chain_names(
-        "dialogue",
-        cfg.llm_engine,
-        cfg.llm_fallback,
-        preference=PREFERENCE,
-        local=LOCAL,
-        known=ENGINES,
-        cloud_key=cloud_key,
-    )
+    return CHOICE.names(cfg.llm_engine, cfg.llm_fallback, cloud_key)
 
 
 def load_engine(name: str, cfg: DialogueConfig, anthropic: AnthropicSettings) -> LlmEngine:

@@ -19,22 +19,14 @@ if TYPE_CHECKING:
     from services.stt.engines.deepgram import DeepgramSettings
 
 #: Engines in order of preference; ``auto`` fallbacks are the local engines after the primary.
-PREFERENCE = ("deepgram", "whisper")
-LOCAL = ("whisper",)
-ENGINES = (*PREFERENCE, "bench")
+CHOICE = engines.Choice(
+    "stt", preference=("deepgram", "whisper"), local=("whisper",), known=("deepgram", "whisper", "bench")
+)
 
 
 def chain_names(cfg: SttConfig, cloud_key: bool) -> list[str]:
     """The engines to load, primary first."""
-    return engines.chain_names(
-        "stt",
-        cfg.engine,
-        cfg.fallback,
-        preference=PREFERENCE,
-        local=LOCAL,
-        known=ENGINES,
-        cloud_key=cloud_key,
-    )
+    return CHOICE.names(cfg.engine, cfg.fallback, cloud_key)
 
 
 def load_engine(name: str, cfg: SttConfig, deepgram: DeepgramSettings) -> SttEngine:

@@ -20,22 +20,17 @@ if TYPE_CHECKING:
     from services.tts.engines.elevenlabs import ElevenLabsSettings
 
 #: Engines in order of preference; ``auto`` fallbacks are the local engines after the primary.
-PREFERENCE = ("elevenlabs", "piper", "flite")
-LOCAL = ("piper", "flite")
-ENGINES = (*PREFERENCE, "bench")
+CHOICE = engines.Choice(
+    "tts",
+    preference=("elevenlabs", "piper", "flite"),
+    local=("piper", "flite"),
+    known=("elevenlabs", "piper", "flite", "bench"),
+)
 
 
 def chain_names(cfg: TtsConfig, cloud_key: bool) -> list[str]:
     """The engines to load, primary first."""
-    return engines.chain_names(
-        "tts",
-        cfg.engine,
-        cfg.fallback,
-        preference=PREFERENCE,
-        local=LOCAL,
-        known=ENGINES,
-        cloud_key=cloud_key,
-    )
+    return CHOICE.names(cfg.engine, cfg.fallback, cloud_key)
 
 
 def load_engine(name: str, cfg: TtsConfig, elevenlabs: ElevenLabsSettings) -> TtsEngine:
