@@ -27,6 +27,14 @@ from proto.events import STAGES
 NATS_BINARY = "nats-server"
 
 
+def nats_binary() -> str | None:
+    """The nats-server next to this Python (the dev extra's 2.10, as deployed), else one on the PATH."""
+    beside = Path(sys.executable).parent / NATS_BINARY
+    if beside.is_file():
+        return str(beside)
+    return shutil.which(NATS_BINARY) or shutil.which(NATS_BINARY, path="/usr/sbin:/usr/local/bin")
+
+
 def wait_port(port: int, timeout_s: float = 10.0) -> None:
     """Block until something accepts TCP connections on 127.0.0.1:``port``."""
     deadline = time.monotonic() + timeout_s
@@ -48,9 +56,9 @@ class NatsServer:
     """A local nats-server with JetStream on a free port, which can be killed and started again."""
 
     def __init__(self, port: int = 0, store_dir: str | None = None, config: str | None = None) -> None:
-        binary = shutil.which(NATS_BINARY) or shutil.which(NATS_BINARY, path="/usr/sbin:/usr/local/bin")
+        binary = nats_binary()
         if binary is None:
-            raise RuntimeError("nats-server is not installed (Debian package nats-server; `just setup`)")
+            raise RuntimeError("nats-server is not installed (`just setup` puts it in .venv/bin)")
         self.binary = binary
         self.port = port or free_port()
         self._own_dir = store_dir is None
