@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import wave
 from pathlib import Path
@@ -274,6 +275,30 @@ async def test_a_vad_stream_restored_from_its_saved_state_goes_on_identically(mo
     assert len(pending) == (cut % 512) * 2
     tail = await window_probs(VadStream(model, state=state, pending=pending), audio[cut:])
     assert head + tail == whole
+
+
+async def test_sessions_sharing_the_model_at_once_each_get_their_own_windows(model: SileroVad) -> None:
+    """Windows of many calls go to the model's thread together; each call still hears only its audio."""
+    audio = padded_speech()
+    streams = [audio[shift * 97 :] for shift in range(8)]  # every call off the window grid differently
+    alone = [await window_probs(VadStream(model), a) for a in streams]
+    together = await asyncio.gather(*(window_probs(VadStream(model), a) for a in streams))
+    assert together == alone
+
+
+async def test_a_window_the_model_refuses_fails_only_its_own_session(model: SileroVad) -> None:
+    zeros = np.zeros((1, 1, 128), np.float32)
+    good = np.zeros((1, 576), np.float32)
+    bad = np.zeros((1, 100), np.float32)  # not a 512-sample window with its context
+    results = await asyncio.gather(
+        model.infer_async(good, zeros, zeros),
+        model.infer_async(bad, zeros, zeros),
+        model.infer_async(good, zeros, zeros),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], Exception)
+    assert [type(r) for r in (results[0], results[2])] == [tuple, tuple]
+    assert results[0][0] == results[2][0]  # type: ignore[index]
 
 
 def test_a_missing_model_file_is_refused_clearly(tmp_path: Path) -> None:

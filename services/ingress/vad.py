@@ -3,7 +3,9 @@
 The model ships inside faster-whisper (``assets/silero_vad_v6.onnx``): it takes 512 new samples at
 16 kHz plus the 64 samples before them, and an LSTM state as ``h`` and ``c`` (1, 1, 128 each), and
 returns the window's speech probability. Inference runs on one dedicated thread (onnxruntime releases
-the GIL), so the event loop never waits on it and sessions share the model without contention.
+the GIL), so the event loop never waits on it and sessions share the model without contention. The
+windows that sessions hand in while the thread is busy go over to it together: with many calls, one
+thread hop serves many windows instead of each paying its own.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ CONTEXT_SAMPLES = 64
 STATE_SHAPE = (1, 1, 128)
 INPUTS = {"input", "h", "c"}
 Floats = npt.NDArray[np.float32]
+Result = tuple[float, Floats, Floats]
 
 
 class VadModelError(RuntimeError):
@@ -55,6 +58,8 @@ class SileroVad:
         if names != INPUTS:
             raise VadModelError(f"{path}: inputs {sorted(names)}, expected {sorted(INPUTS)} (Silero v6)")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vad")
+        self._waiting: list[tuple[Floats, Floats, Floats, asyncio.Future[Result]]] = []
+        self._runner: asyncio.Task[None] | None = None
         zeros = np.zeros(STATE_SHAPE, np.float32)
         self.infer(np.zeros((1, CONTEXT_SAMPLES + WINDOW_SAMPLES), np.float32), zeros, zeros)  # warm up
 
@@ -63,16 +68,52 @@ class SileroVad:
         """The model at ``path``, or the packaged one."""
         return cls(Path(path) if path else packaged_model())
 
-    def infer(self, x: Floats, h: Floats, c: Floats) -> tuple[float, Floats, Floats]:
+    def infer(self, x: Floats, h: Floats, c: Floats) -> Result:
         """One window (with its context) through the model; blocking, so call it off the event loop."""
         started = time.perf_counter()
         prob, h, c = self._session.run(None, {"input": x, "h": h, "c": c})
         metrics.vad_inference.observe(time.perf_counter() - started)
         return float(np.clip(prob.reshape(-1)[0], 0.0, 1.0)), h, c
 
-    async def infer_async(self, x: Floats, h: Floats, c: Floats) -> tuple[float, Floats, Floats]:
-        """``infer`` on the model's thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self.infer, x, h, c)
+    async def infer_async(self, x: Floats, h: Floats, c: Floats) -> Result:
+        """``infer`` on the model's thread, together with the windows other sessions are waiting on."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Result] = loop.create_future()
+        if self._runner is None or self._runner.done() or self._runner.get_loop() is not loop:
+            self._waiting = [w for w in self._waiting if w[3].get_loop() is loop]
+            self._runner = loop.create_task(self._run_waiting(), name="vad")
+        self._waiting.append((x, h, c, done))
+        return await done
+
+    async def _run_waiting(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            try:
+                results = await loop.run_in_executor(self._executor, self._infer_each, batch)
+            except asyncio.CancelledError:  # the process is stopping: so are the sessions waiting
+                for *_, done in batch:
+                    done.cancel()
+                raise
+            for (*_, done), result in zip(batch, results, strict=True):
+                if done.done():  # its session stopped waiting (cancelled)
+                    continue
+                if isinstance(result, BaseException):
+                    done.set_exception(result)
+                else:
+                    done.set_result(result)
+
+    def _infer_each(
+        self, batch: list[tuple[Floats, Floats, Floats, asyncio.Future[Result]]]
+    ) -> list[Result | Exception]:
+        """Each window through the model on the model's thread; a failing one fails only its session."""
+        results: list[Result | Exception] = []
+        for x, h, c, _ in batch:
+            try:
+                results.append(self.infer(x, h, c))
+            except Exception as e:  # onnxruntime's errors are untyped
+                results.append(e)
+        return results
 
 
 class VadStream:
