@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate
@@ -187,3 +189,122 @@ def test_dev_livekit_server_and_services_use_the_same_key_pair() -> None:
     (secret,) = [s for s in of(dev, "Secret") if s["metadata"]["name"].startswith("voicebus-livekit")]
     data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
     assert data["keys"] == f"{data['api-key']}: {data['api-secret']}"
+
+
+def named(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    """The one object of a kind with that name, or that name and a generator's hash suffix."""
+    pattern = re.compile(rf"{re.escape(name)}(-[a-z0-9]{{10}})?")
+    (obj,) = [o for o in of(objects, kind) if pattern.fullmatch(o["metadata"]["name"])]
+    return obj
+
+
+def stage_deployments(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The five stages and the gateway: every Deployment made from base/stage."""
+    return [d for d in of(objects, "Deployment") if d["metadata"]["name"].startswith("voicebus-")]
+
+
+def pod_labels(workload: dict[str, Any]) -> dict[str, str]:
+    labels: dict[str, str] = workload["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def backend(objects: list[dict[str, Any]], host: str, port: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The workload and its container port that ``host:port`` (a Service of the namespace) leads to."""
+    service = named(objects, "Service", host)
+    (service_port,) = [p for p in service["spec"]["ports"] if p["port"] == port]
+    (workload,) = [
+        w
+        for w in objects
+        if w["kind"] in ("Deployment", "StatefulSet")
+        and service["spec"]["selector"].items() <= pod_labels(w).items()
+    ]
+    target = service_port.get("targetPort", port)
+    (container_port,) = [
+        p
+        for c in workload["spec"]["template"]["spec"]["containers"]
+        for p in c.get("ports", [])
+        if target in (p.get("name"), p["containerPort"])
+    ]
+    return workload, container_port
+
+
+def mounted_config(objects: list[dict[str, Any]], workload: dict[str, Any], key: str) -> tuple[str, Any]:
+    """(path in the container, parsed content) of the ConfigMap file ``key`` a workload mounts."""
+    pod = workload["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    for volume in pod["volumes"]:
+        config = volume.get("configMap")
+        if config is None:
+            continue
+        data = named(objects, "ConfigMap", config["name"])["data"]
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+        if key in data:
+            return f"{mount['mountPath']}/{key}", yaml.safe_load(data[key])
+    raise AssertionError(f"{workload['metadata']['name']} mounts no ConfigMap with {key}")
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A label selector (matchLabels, and matchExpressions with In: all these manifests use)."""
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In", expression
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return bool(selector.get("matchLabels", {}).items() <= labels.items())
+
+
+def allowed(
+    objects: list[dict[str, Any]], src: dict[str, str] | None, dst: dict[str, str] | None, port: int
+) -> bool:
+    """Whether the NetworkPolicies let pods labelled ``src`` open ``port`` on pods labelled ``dst``.
+    None is the API server: not a pod here, so not fenced, and reached only through a peerless rule or
+    an ipBlock without exceptions (its address is the cluster's own)."""
+
+    def admits(rule: dict[str, Any], key: str, peer: dict[str, str] | None) -> bool:
+        if "ports" in rule and not any(p.get("port") == port for p in rule["ports"]):
+            return False
+        if key not in rule:
+            return True
+        if peer is None:
+            return any("ipBlock" in p and "except" not in p["ipBlock"] for p in rule[key])
+        return any("podSelector" in p and selects(p["podSelector"], peer) for p in rule[key])
+
+    def side(pod: dict[str, str] | None, kind: str, key: str, peer: dict[str, str] | None) -> bool:
+        if pod is None:
+            return True
+        policies = [
+            p["spec"]
+            for p in of(objects, "NetworkPolicy")
+            if kind in p["spec"]["policyTypes"] and selects(p["spec"]["podSelector"], pod)
+        ]
+        return not policies or any(admits(r, key, peer) for p in policies for r in p.get(kind.lower(), []))
+
+    return side(src, "Egress", "to", dst) and side(dst, "Ingress", "from", src)
+
+
+def test_stages_trace_through_the_collector_to_jaeger(objects: list[dict[str, Any]]) -> None:
+    endpoint = urlsplit(named(objects, "ConfigMap", "voicebus-env")["data"]["OTEL_EXPORTER_OTLP_ENDPOINT"])
+    assert endpoint.scheme == "http" and endpoint.hostname and endpoint.port
+    collector, otlp_http = backend(objects, endpoint.hostname, endpoint.port)
+    (container,) = collector["spec"]["template"]["spec"]["containers"]
+    path, config = mounted_config(objects, collector, "config.yaml")
+    assert container["args"] == [f"--config={path}"]
+    # the stages export OTLP/HTTP (services/runtime/tracing.py): the receiver listens where the Service leads
+    receiver = config["receivers"]["otlp"]["protocols"]["http"]["endpoint"]
+    assert receiver == f"0.0.0.0:{otlp_http['containerPort']}"
+    health = int(config["extensions"]["health_check"]["endpoint"].rpartition(":")[2])
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports[container["livenessProbe"]["httpGet"]["port"]] == health
+    assert ports[container["readinessProbe"]["httpGet"]["port"]] == health
+    assert "health_check" in config["service"]["extensions"]
+    pipeline = config["service"]["pipelines"]["traces"]
+    assert pipeline["receivers"] == ["otlp"] and pipeline["processors"][0] == "memory_limiter"
+    (exporter,) = pipeline["exporters"]
+    assert exporter.split("/")[0] == "otlp"  # OTLP over gRPC
+    host, _, port = config["exporters"][exporter]["endpoint"].rpartition(":")
+    jaeger, otlp_grpc = backend(objects, host, int(port))
+    assert jaeger["metadata"]["name"] == "jaeger" and otlp_grpc["name"] == "otlp-grpc"
+    collector_pod, jaeger_pod = pod_labels(collector), pod_labels(jaeger)
+    for deployment in stage_deployments(objects):
+        assert allowed(objects, pod_labels(deployment), collector_pod, endpoint.port)
+        assert not allowed(objects, pod_labels(deployment), jaeger_pod, int(port))
+    assert allowed(objects, collector_pod, jaeger_pod, int(port))
