@@ -245,8 +245,8 @@ def mounted_config(objects: list[dict[str, Any]], workload: dict[str, Any], key:
         if config is None:
             continue
         data = named(objects, "ConfigMap", config["name"])["data"]
-        (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
         if key in data:
+            (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
             return f"{mount['mountPath']}/{key}", yaml.safe_load(data[key])
     raise AssertionError(f"{workload['metadata']['name']} mounts no ConfigMap with {key}")
 
@@ -264,6 +264,7 @@ def allowed(
     objects: list[dict[str, Any]], src: dict[str, str] | None, dst: dict[str, str] | None, port: int
 ) -> bool:
     """Whether the NetworkPolicies let pods labelled ``src`` open ``port`` on pods labelled ``dst``.
+    Pods are peers through podSelectors, ipBlocks stand for addresses outside the namespace's pods.
     None is the API server: not a pod here, so not fenced, and reached only through a peerless rule or
     an ipBlock without exceptions (its address is the cluster's own)."""
 
