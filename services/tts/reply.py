@@ -1,14 +1,16 @@
 """One reply on its way from text chunks to frames on the bus.
 
 The chunks of a reply (turn, generation) are pushed into one engine stream in index order as they
-arrive; its audio becomes frames (``ReplyAudio``) published at once, the frames that are ready
-together in ``AgentAudio`` events of up to 10 frames; egress does the pacing. The engine is usually
-a fallback chain: when the engine speaking fails, the next one goes on with the reply and the frames
-keep counting, so the reply stays one timeline; the switch is reported to the session. If every
-engine fails, the reply ends with what was said. Only the first audio and the end are published
-inside the "tts.reply" span. ``cancel`` does not rely on the task's cancellation alone: on Python
-3.11 ``asyncio.wait_for`` inside the NATS client's publish can drop it, and the reply would then
-wait for chunks that never come, so a stop is also queued and checked before every publish.
+arrive; its audio becomes frames (``ReplyAudio``) published at once, egress does the pacing. The frames
+of all the audio the engine has handed over by then leave together, in ``AgentAudio`` events of up to
+10 frames: a TTS faster than real time (or a process running behind) sends fewer messages, and nothing
+is held back waiting for more. The engine is usually a fallback chain: when the engine speaking fails,
+the next one goes on with the reply and the frames keep counting, so the reply stays one timeline; the
+switch is reported to the session. If every engine fails, the reply ends with what was said. Only the
+first audio and the end are published inside the "tts.reply" span. ``cancel`` does not rely on the
+task's cancellation alone: on Python 3.11 ``asyncio.wait_for`` inside the NATS client's publish can
+drop it, and the reply would then wait for chunks that never come, so a stop is also queued and checked
+before every publish.
 """
 
 from __future__ import annotations
@@ -129,8 +131,7 @@ class Reply:
         """Speak the reply to its end, then publish AgentAudioEnd."""
         try:
             await self._speak()
-            for group in groups(self.audio.finish()):
-                await self._publish(group)
+            await self._publish_all(self.audio.finish())
             with trace.use_span(self._span):
                 end = ev.AgentAudioEnd(
                     session=self.ctx.session,
@@ -157,14 +158,19 @@ class Reply:
                 asyncio.create_task(self._read(stream, items), name=f"tts-read:{reply_id}"),
             ]
             switches = 0
+            ready: list[Frame] = []
             while (item := await items.get()) is not None:
                 if isinstance(item, Exception):
+                    await self._publish_all(ready)
                     raise item
                 if isinstance(item, _Stop):
                     raise asyncio.CancelledError
                 switches = await self._report_switch(stream, switches)
-                for group in groups(self.audio.add(item)):
-                    await self._publish(group)
+                ready += self.audio.add(item)
+                if items.empty():  # all the engine has produced so far goes out now; nothing waits
+                    await self._publish_all(ready)
+                    ready = []
+            await self._publish_all(ready)
             finished = True
         except ProviderError as e:
             message = f"tts failed on turn {self.turn} after {self.audio.frames} frames: {e}"
@@ -226,6 +232,11 @@ class Reply:
             items.put_nowait(None)
         except Exception as e:  # handed to the reading loop, which ends the reply
             items.put_nowait(e)
+
+    async def _publish_all(self, frames: list[Frame]) -> None:
+        """Frames that are ready, in as few ``AgentAudio`` events as they fit."""
+        for group in groups(frames):
+            await self._publish(group)
 
     async def _publish(self, frames: list[Frame]) -> None:
         """One ``AgentAudio`` of consecutive frames of one chunk; their words ride on its first frame."""
