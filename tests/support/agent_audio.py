@@ -7,17 +7,16 @@ from collections.abc import Sequence
 from proto import events as ev
 
 
-def pack(frames: Sequence[ev.AgentAudioFrame], per: int = ev.AGENT_AUDIO_MAX_FRAMES) -> list[ev.AgentAudio]:
-    """``frames`` in events of up to ``per`` frames; a new event starts at a new chunk or a gap in the indices.
-
-    The frames' words ride on their event (the egress gives them to its first frame).
+def pack(frames: Sequence[ev.AgentAudioFrame]) -> list[ev.AgentAudio]:
+    """``frames`` in events of up to ``AGENT_AUDIO_MAX_FRAMES``; a new chunk or a gap in the indices
+    starts a new event. The frames' words ride on their event (the egress gives them to its first frame).
     """
     runs: list[list[ev.AgentAudioFrame]] = []
     for f in frames:
         last = runs[-1][-1] if runs else None
         if (
             last is not None
-            and len(runs[-1]) < per
+            and len(runs[-1]) < ev.AGENT_AUDIO_MAX_FRAMES
             and (last.turn, last.generation, last.chunk, last.index + 1)
             == (f.turn, f.generation, f.chunk, f.index)
         ):
