@@ -231,8 +231,9 @@ class AgentAudioFrame(Event, kw_only=True, frozen=True):
 
     Egress publishes one per frame on ``media.out`` as it plays; the TTS sends them in ``AgentAudio``.
 
-    ``words`` rides on the first frame of each reply chunk: the TTS's own alignment where it gives one,
-    else an estimate from the text length.
+    ``words`` rides on the first frame of each reply chunk (an engine that streams its alignment also
+    puts some on later ones): the TTS's own alignment where it gives one, else an estimate from the
+    text length.
     """
 
     turn: Turn
@@ -254,7 +255,8 @@ class AgentAudio(Event, kw_only=True, frozen=True):
     ``audio.out`` is the busiest hop of a call; carrying up to ``AGENT_AUDIO_MAX_FRAMES`` frames per
     message divides its per-message cost (client and server) by up to that much. The egress splits
     each event into ``AgentAudioFrame``s and still plays and forwards 20 ms frames. ``index`` is the
-    index of the first frame in the generation; ``words`` ride on that first frame.
+    index of the first frame in the generation; ``words`` (the timings of all its frames' words, in ms
+    from the reply's first frame) ride on that first frame.
     """
 
     turn: Turn
