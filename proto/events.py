@@ -22,6 +22,9 @@ SCHEMA_VERSION = 1
 USER_RATE = 16_000
 #: Duration of one audio frame on the bus, user and agent side alike.
 FRAME_MS = 20
+#: Most 20 ms frames one ``AgentAudio`` event carries (200 ms): enough to cut the message rate on
+#: ``audio.out`` tenfold while the TTS runs ahead, small enough that a cut reply wastes little.
+AGENT_AUDIO_MAX_FRAMES = 10
 #: Output rates an agent audio stream may use.
 AgentRate = Literal[8000, 16000, 22050, 24000, 44100, 48000]
 AGENT_RATES: tuple[int, ...] = AgentRate.__args__  # type: ignore[attr-defined]
@@ -224,10 +227,13 @@ class WordTiming(msgspec.Struct, kw_only=True, frozen=True, array_like=True):
 
 
 class AgentAudioFrame(Event, kw_only=True, frozen=True):
-    """One 20 ms frame of the agent's voice at the session's output rate.
+    """One 20 ms frame of the agent's voice at the session's output rate, as the egress plays it.
 
-    ``words`` rides on the first frame of each reply chunk: the TTS's own alignment where it gives one,
-    else an estimate from the text length.
+    Egress publishes one per frame on ``media.out`` as it plays; the TTS sends them in ``AgentAudio``.
+
+    ``words`` rides on the first frame of each reply chunk (an engine that streams its alignment also
+    puts some on later ones): the TTS's own alignment where it gives one, else an estimate from the
+    text length.
     """
 
     turn: Turn
@@ -243,8 +249,63 @@ class AgentAudioFrame(Event, kw_only=True, frozen=True):
             raise ValueError(f"frame of {len(self.pcm)} bytes at {self.sample_rate} Hz is not {FRAME_MS} ms")
 
 
+class AgentAudio(Event, kw_only=True, frozen=True):
+    """Consecutive 20 ms frames of one reply chunk at the session's output rate, as the TTS sends them.
+
+    ``audio.out`` is the busiest hop of a call; carrying up to ``AGENT_AUDIO_MAX_FRAMES`` frames per
+    message divides its per-message cost (client and server) by up to that much. The egress splits
+    each event into ``AgentAudioFrame``s and still plays and forwards 20 ms frames. ``index`` is the
+    index of the first frame in the generation; ``words`` (the timings of all its frames' words, in ms
+    from the reply's first frame) ride on that first frame.
+    """
+
+    turn: Turn
+    generation: NonNegative = 0
+    index: NonNegative
+    chunk: NonNegative
+    pcm: Pcm
+    sample_rate: AgentRate
+    words: tuple[WordTiming, ...] = ()
+
+    def __post_init__(self) -> None:
+        size = frame_bytes(self.sample_rate)
+        if not self.pcm or len(self.pcm) % size:
+            raise ValueError(
+                f"agent audio of {len(self.pcm)} bytes at {self.sample_rate} Hz is not whole "
+                f"{FRAME_MS} ms frames ({size} bytes each)"
+            )
+        if len(self.pcm) > AGENT_AUDIO_MAX_FRAMES * size:
+            raise ValueError(
+                f"agent audio of {len(self.pcm) // size} frames exceeds {AGENT_AUDIO_MAX_FRAMES} per event"
+            )
+
+    @property
+    def frames(self) -> int:
+        """How many 20 ms frames this event carries."""
+        return len(self.pcm) // frame_bytes(self.sample_rate)
+
+    def split(self) -> list[AgentAudioFrame]:
+        """The event as the 20 ms frames egress plays, numbered on from ``index``; words on the first."""
+        size = frame_bytes(self.sample_rate)
+        return [
+            AgentAudioFrame(
+                session=self.session,
+                seq=self.seq,
+                ts=self.ts,
+                turn=self.turn,
+                generation=self.generation,
+                index=self.index + i,
+                chunk=self.chunk,
+                pcm=self.pcm[i * size : (i + 1) * size],
+                sample_rate=self.sample_rate,
+                words=self.words if i == 0 else (),
+            )
+            for i in range(self.frames)
+        ]
+
+
 class AgentAudioEnd(Event, kw_only=True, frozen=True):
-    """The reply's audio is complete: ``frames`` frames were sent for this generation."""
+    """The reply's audio is complete: ``frames`` 20 ms frames were sent for this generation."""
 
     turn: Turn
     generation: NonNegative = 0

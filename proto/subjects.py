@@ -91,10 +91,11 @@ AUDIO_IN = Channel(
 )
 AUDIO_OUT = Channel(
     "audio.out",
-    (ev.AgentAudioFrame, ev.AgentAudioEnd),
+    (ev.AgentAudio, ev.AgentAudioEnd),
     producers=("tts",),
     consumers=("egress",),
-    description="The agent's synthesised voice as 20 ms frames at the session's output rate.",
+    description="The agent's synthesised voice at the session's output rate, up to "
+    f"{ev.AGENT_AUDIO_MAX_FRAMES} frames of {ev.FRAME_MS} ms per message.",
     max_bytes=100_000,
 )
 SPEECH = Channel(

@@ -162,7 +162,7 @@ async def test_talking_to_the_agent_from_the_page(system: str, browser: Any, bus
         agent = await value(page, "window.voicebus.levels.agent.history")
         states = [state for _, state in await value(page, "window.voicebus.states")]
         marks = {m.mark: m.at_ns for m in tap.of(ev.TurnMark) if m.turn == 1}
-        reply = sorted(tap.of(ev.AgentAudioFrame, where=lambda f: f.turn == 1), key=lambda f: f.index)
+        reply = sorted(tap.agent_frames(lambda f: f.turn == 1), key=lambda f: f.index)
         await page.click("#talk")  # hang up
         ended = await tap.wait(ev.SessionEnded, timeout=20)
     assert ended[0].reason == "hangup"

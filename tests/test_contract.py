@@ -75,6 +75,22 @@ def events_of(kind: type[ev.Event]) -> st.SearchStrategy[ev.Event]:
             st.integers(0, 99),
             st.integers(0, 9999),
         )
+    if kind is ev.AgentAudio:  # 1 to AGENT_AUDIO_MAX_FRAMES whole frames at its rate
+        return st.builds(
+            lambda rate, frames, pcm_byte, turn, index: ev.AgentAudio(
+                session="s1",
+                turn=turn,
+                index=index,
+                chunk=0,
+                sample_rate=rate,
+                pcm=pcm_byte * (frames * ev.frame_bytes(rate)),
+            ),
+            st.sampled_from(ev.AGENT_RATES),
+            st.integers(1, ev.AGENT_AUDIO_MAX_FRAMES),
+            st.binary(min_size=1, max_size=1),
+            st.integers(0, 99),
+            st.integers(0, 9999),
+        )
     if kind is ev.CallerAudio:  # whole samples of its channel count
         return st.builds(
             lambda channels, n, rate: ev.CallerAudio(
@@ -119,6 +135,49 @@ def frame_bytes(session: str = "s1", **kw: Any) -> bytes:
     return codec.encode(ev.UserAudioFrame(session=session, index=1, pcm=b"\0" * 640, **kw))
 
 
+def test_agent_audio_splits_into_the_frames_egress_plays() -> None:
+    words = (ev.WordTiming(text="Hello", start_ms=0, end_ms=300),)
+    pcm = b"".join(bytes([i]) * ev.frame_bytes(16000) for i in range(3))
+    audio = ev.AgentAudio(
+        session="s1",
+        seq=9,
+        ts=5,
+        turn=2,
+        generation=1,
+        index=40,
+        chunk=3,
+        pcm=pcm,
+        sample_rate=16000,
+        words=words,
+    )
+    frames = audio.split()
+    assert audio.frames == len(frames) == 3
+    assert [f.index for f in frames] == [40, 41, 42]
+    assert b"".join(f.pcm for f in frames) == pcm and frames[1].pcm == b"\1" * ev.frame_bytes(16000)
+    assert [f.words for f in frames] == [words, (), ()]
+    assert {(f.session, f.seq, f.ts, f.turn, f.generation, f.chunk, f.sample_rate) for f in frames} == {
+        ("s1", 9, 5, 2, 1, 3, 16000)
+    }
+
+
+def test_agent_audio_of_broken_or_too_many_frames_is_refused() -> None:
+    size = ev.frame_bytes(24000)
+    with pytest.raises(ValueError, match="not whole 20 ms frames"):
+        ev.AgentAudio(session="s1", turn=1, index=0, chunk=0, pcm=bytes(size + 1), sample_rate=24000)
+    with pytest.raises(ValueError, match="11 frames exceeds 10 per event"):
+        ev.AgentAudio(session="s1", turn=1, index=0, chunk=0, pcm=bytes(11 * size), sample_rate=24000)
+    assert (
+        ev.AgentAudio(session="s1", turn=1, index=0, chunk=0, pcm=bytes(10 * size), sample_rate=24000).frames
+        == 10
+    )
+
+
+def agent_audio(kind: str, pcm_bytes: int, sample_rate: int = 24000) -> bytes:
+    """An agent audio payload built field by field, so that it can break the event's own checks."""
+    fields = {"session": "s1", "turn": 1, "index": 0, "chunk": 0, "pcm": bytes(pcm_bytes)}
+    return codec.encode({"type": kind, **fields, "sample_rate": sample_rate})
+
+
 @pytest.mark.parametrize(
     ("subject", "payload", "code", "message"),
     [
@@ -141,37 +200,21 @@ def frame_bytes(session: str = "s1", **kw: Any) -> bytes:
             "malformed",
             "whole s16le samples",
         ),
+        ("vb.s1.media.out", agent_audio("AgentAudioFrame", 640), "malformed", "is not 20 ms"),
         (
-            "vb.s1.audio.out",
-            codec.encode(
-                {
-                    "type": "AgentAudioFrame",
-                    "session": "s1",
-                    "turn": 1,
-                    "index": 0,
-                    "chunk": 0,
-                    "pcm": b"\0" * 640,
-                    "sample_rate": 24000,
-                }
-            ),
-            "malformed",
-            "is not 20 ms",
-        ),
-        (
-            "vb.s1.audio.out",
-            codec.encode(
-                {
-                    "type": "AgentAudioFrame",
-                    "session": "s1",
-                    "turn": 1,
-                    "index": 0,
-                    "chunk": 0,
-                    "pcm": b"\0" * 640,
-                    "sample_rate": 11025,
-                }
-            ),
+            "vb.s1.media.out",
+            agent_audio("AgentAudioFrame", 640, 11025),
             "malformed",
             "Invalid enum value 11025",
+        ),
+        ("vb.s1.audio.out", agent_audio("AgentAudioFrame", 960), "wrong_subject", "invalid audio.out event"),
+        ("vb.s1.audio.out", agent_audio("AgentAudio", 960 * 3 + 2), "malformed", "is not whole 20 ms frames"),
+        ("vb.s1.audio.out", agent_audio("AgentAudio", 0), "malformed", "is not whole 20 ms frames"),
+        (
+            "vb.s1.audio.out",
+            agent_audio("AgentAudio", 960 * 11),
+            "malformed",
+            "11 frames exceeds 10 per event",
         ),
     ],
 )

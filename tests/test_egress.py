@@ -18,6 +18,7 @@ from proto import subjects as sj
 from services.runtime.bus import Bus
 from services.runtime.sessions import end_session, open_session
 from services.tools.stack import Stack
+from tests.support.agent_audio import pack
 from tests.support.tap import Tap
 
 RATE = 24000
@@ -59,9 +60,9 @@ def reply(session: str, turn: int, frames: int, generation: int = 0) -> list[ev.
 
 
 async def send_reply(bus: Bus, frames: list[ev.AgentAudioFrame], *, end: bool = True) -> None:
-    """All frames at once (a TTS running ahead of real time), then the end of the reply."""
-    for f in frames:
-        await bus.publish(sj.AUDIO_OUT, f)
+    """All frames at once (a TTS running ahead of real time, 10 frames a message), then the end."""
+    for audio in pack(frames):
+        await bus.publish(sj.AUDIO_OUT, audio)
     if end:
         first = frames[0]
         await bus.publish(
@@ -288,13 +289,20 @@ async def test_bad_input_is_reported_and_the_session_goes_on(stack: Stack, bus: 
         (unsupported,) = await tap.wait(ev.ErrorEvent)
         assert unsupported.code == "internal" and "livekit" in unsupported.message
         await bus.nc.publish(sj.AUDIO_OUT.subject(session_id), b"\xc1 not msgpack")
-        wrong_rate = ev.AgentAudioFrame(
+        wrong_rate = ev.AgentAudio(
             session=session_id, turn=1, index=0, chunk=0, pcm=b"\0" * ev.frame_bytes(16000), sample_rate=16000
         )
         await bus.publish(sj.AUDIO_OUT, wrong_rate)
-        errors = await tap.wait(ev.ErrorEvent, lambda e: e.code == "malformed", count=2)
-        (refused,) = [e for e in errors if "Hz" in e.message]
-        assert refused.stage == "egress" and refused.turn == 1
+        # audio that is not whole frames, or more frames than one event may carry
+        for frames in (2.5, 11):
+            broken = {"session": session_id, "turn": 1, "index": 0, "chunk": 0, "sample_rate": RATE}
+            payload = {"type": "AgentAudio", **broken, "pcm": bytes(int(frames * FRAME))}
+            await bus.nc.publish(sj.AUDIO_OUT.subject(session_id), codec.encode(payload))
+        errors = await tap.wait(ev.ErrorEvent, lambda e: e.code == "malformed", count=4)
+        (refused,) = [e for e in errors if "this session plays" in e.message]
+        assert {e.stage for e in errors} == {"egress"} and refused.turn == 1
+        assert any("is not whole 20 ms frames" in e.message for e in errors)
+        assert any("11 frames exceeds 10 per event" in e.message for e in errors)
         await send_reply(bus, reply(session_id, 2, 10))
         (stopped,) = await tap.wait(ev.PlayoutStopped)
     assert stopped.turn == 2 and stopped.completed and stopped.played_ms == 200
@@ -375,7 +383,7 @@ async def test_the_playout_span_continues_the_trace_of_the_replys_first_frame(
 
     frames = reply(session_id, 1, 5)
     with TracerProvider().get_tracer("test").start_as_current_span("tts.reply") as parent:
-        await bus.publish(sj.AUDIO_OUT, frames[0])  # the current span rides in the headers
+        await bus.publish(sj.AUDIO_OUT, *pack(frames[:1]))  # the current span rides in the headers
         parent_ctx = parent.get_span_context()
     async with Tap(bus, session_id) as tap:
         await send_reply(bus, [*frames[1:], frames[0]])  # frame 0 again (without a trace): a duplicate

@@ -16,6 +16,7 @@ from proto import subjects as sj
 from services.runtime.bus import Bus
 from services.runtime.sessions import open_session
 from services.tools.stack import Stack
+from tests.support.agent_audio import pack
 from tests.support.tap import Tap
 from tests.support.webrtc import play, rms, start_replica, tone, wait_connected
 from tests.test_gateway import serving
@@ -52,8 +53,8 @@ async def test_whep_from_the_egress_plays_the_agent(
         await open_session(bus, spec, stages=("egress",))
         async with play(http, f"{url}/whep/{session_id}") as (pc, heard):
             await wait_connected(pc)
-            for frame in reply:
-                await bus.publish(sj.AUDIO_OUT, frame)
+            for audio in pack(reply):
+                await bus.publish(sj.AUDIO_OUT, audio)
             await bus.publish(sj.AUDIO_OUT, ev.AgentAudioEnd(session=session_id, turn=1, frames=len(reply)))
             stopped = await tap.wait(ev.PlayoutStopped, timeout=20)
             out = await tap.wait(ev.TurnMark, where=lambda m: m.mark == "first_audio_out")
@@ -79,8 +80,8 @@ async def test_an_interrupt_silences_the_browser_at_once(stack: Stack, bus: Bus,
         await open_session(bus, spec, stages=("egress",))
         async with play(http, f"{url}/whep/{session_id}") as (pc, heard):
             await wait_connected(pc)
-            for frame in reply:
-                await bus.publish(sj.AUDIO_OUT, frame)
+            for audio in pack(reply):
+                await bus.publish(sj.AUDIO_OUT, audio)
             await heard.wait_loud(50)  # a second of the reply has been heard
             cut = await bus.publish(sj.CONTROL, ev.Interrupt(session=session_id, turn=1))
             ack = await tap.wait(
@@ -114,7 +115,7 @@ async def test_after_the_owner_dies_a_new_offer_reaches_its_successor(
             stack.kill(owner, signal.SIGKILL)
         async with play(http, f"{url}/whep/{session_id}") as (pc, heard):
             await wait_connected(pc)
-            for frame in agent_reply(session_id, 1.0, 48_000):
-                await bus.publish(sj.AUDIO_OUT, frame)
+            for audio in pack(agent_reply(session_id, 1.0, 48_000)):
+                await bus.publish(sj.AUDIO_OUT, audio)
             await heard.wait_loud(40)  # the successor's voice
     assert not owner.alive

@@ -30,6 +30,7 @@ from services.tools.stack import Stack, free_port
 from tests.fakes.livekit_media import dominant_hz, onsets, tone
 from tests.fakes.livekit_participant import Caller
 from tests.fakes.livekit_sfu import FakeLiveKit, Room
+from tests.support.agent_audio import pack
 from tests.support.tap import Tap
 
 pytestmark = pytest.mark.slow
@@ -87,7 +88,7 @@ async def speak_reply(bus: Bus, session: str) -> list[float]:
         await asyncio.sleep(max(0.0, t0 + i * FRAME_MS / 1000 - time.monotonic()))
         if i % PERIOD == 0:
             starts.append(time.time())
-        await bus.publish(sj.AUDIO_OUT, frame)
+        await bus.publish(sj.AUDIO_OUT, *pack([frame]))  # each frame as soon as it exists
     await bus.publish(sj.AUDIO_OUT, ev.AgentAudioEnd(session=session, turn=1, frames=FRAMES))
     return starts
 

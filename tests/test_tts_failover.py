@@ -93,7 +93,7 @@ async def test_a_failing_engine_hands_the_rest_of_the_reply_on_or_ends_it_with_w
         (end,) = await tap.wait(ev.AgentAudioEnd)
         (error,) = await tap.wait(ev.ErrorEvent)
     assert (error.stage, error.code, error.turn, error.message) == ("tts", "provider", 1, said)
-    frames = tap.of(ev.AgentAudioFrame)
+    frames = tap.agent_frames()
     assert [f.index for f in frames] == list(range(end.frames))
     assert {len(f.pcm) for f in frames} == {ev.frame_bytes(RATE)}
     words = [w.text for f in frames for w in f.words]

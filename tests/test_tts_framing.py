@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proto.events import AGENT_RATES, FRAME_MS, WordTiming, frame_bytes
+from proto.events import AGENT_AUDIO_MAX_FRAMES, AGENT_RATES, FRAME_MS, WordTiming, frame_bytes
 from services.tts.engines.base import SynthAudio
-from services.tts.framing import Framer, ReplyAudio, estimate_words
+from services.tts.framing import Frame, Framer, ReplyAudio, estimate_words, groups
 
 ENGINE_RATES = (16_000, 22_050, 24_000)
 
@@ -120,3 +120,12 @@ def test_engine_word_timings_ride_on_the_first_frame_of_their_chunk_shifted_by_i
         ("now.", 1400, 1700),
     ]
     assert all(not f.words for f in second[1:] + reply.finish())
+
+
+def test_frames_ready_together_go_in_runs_of_one_chunk_of_at_most_the_event_limit() -> None:
+    frames = [Frame(i, 0 if i < 23 else 1, bytes(960)) for i in range(26)]
+    runs = groups(frames)
+    assert [len(r) for r in runs] == [AGENT_AUDIO_MAX_FRAMES, AGENT_AUDIO_MAX_FRAMES, 3, 3]
+    assert [f for r in runs for f in r] == frames  # every frame once, in order
+    assert [{f.chunk for f in r} for r in runs] == [{0}, {0}, {0}, {1}]
+    assert groups([]) == [] and groups(frames[:1]) == [frames[:1]]  # one frame ready: it goes alone

@@ -1,15 +1,15 @@
 """The egress stage: plays the agent's audio on a real-time timeline and reports what the caller heard.
 
-Per session: the TTS's frames (``audio.out``) go onto the playout timeline; one pacing task hands each
-frame to the session's sink when it is due; ``PlayoutStarted``/``PlayoutStopped`` tell the dialogue
-what was heard. The moment the caller starts speaking over a reply (``SpeechStarted``) the playout
-pauses and says so (``PlayoutPaused``): the fast half of a barge-in, which needs no round trip to the
-dialogue. The dialogue then decides: ``Resume`` (a cough, a backchannel) plays on from the pause,
-``Interrupt`` cuts the reply and drops everything queued of it. ``Cancel``/``Interrupt`` cut a reply at
-once and are acknowledged with what had played. With ``recording_path`` set, the caller's audio
-(``audio.in``) and the played frames are written as a stereo WAV. A keeper task makes the playout
-durable every ``VB_EGRESS_CHECKPOINT_S`` and when a reply is over: the WAV files, then a checkpoint
-from which a successor plays on.
+Per session: the TTS's audio (``audio.out``, up to 10 frames per message) goes onto the playout
+timeline as 20 ms frames; one pacing task hands each frame to the session's sink when it is due;
+``PlayoutStarted``/``PlayoutStopped`` tell the dialogue what was heard. The moment the caller starts
+speaking over a reply (``SpeechStarted``) the playout pauses and says so (``PlayoutPaused``): the fast
+half of a barge-in, which needs no round trip to the dialogue. The dialogue then decides: ``Resume`` (a
+cough, a backchannel) plays on from the pause, ``Interrupt`` cuts the reply and drops everything queued
+of it. ``Cancel``/``Interrupt`` cut a reply at once and are acknowledged with what had played. With
+``recording_path`` set, the caller's audio (``audio.in``) and the played frames are written as a stereo
+WAV. A keeper task makes the playout durable every ``VB_EGRESS_CHECKPOINT_S`` and when a reply is over:
+the WAV files, then a checkpoint from which a successor plays on.
 """
 
 from __future__ import annotations
@@ -158,14 +158,15 @@ class EgressWorker(SessionWorker[EgressState]):
         """Agent frames onto the timeline; caller frames into the recording."""
         now = self.clock.now()
         match event:
-            case ev.AgentAudioFrame(sample_rate=rate) if rate != self.ctx.spec.output_rate:
+            case ev.AgentAudio(sample_rate=rate) if rate != self.ctx.spec.output_rate:
                 await self._refuse(event)
-            case ev.AgentAudioFrame():
-                verdict, stops = self.timeline.push(
-                    event, now, seq=delivery.stream_seq, parent=delivery.parent
-                )
-                frames[verdict].inc()
-                self._stopped(stops)
+            case ev.AgentAudio():
+                for frame in event.split():  # the timeline, cuts and counts work per 20 ms frame
+                    verdict, stops = self.timeline.push(
+                        frame, now, seq=delivery.stream_seq, parent=delivery.parent
+                    )
+                    frames[verdict].inc()
+                    self._stopped(stops)
                 if self._speaking is not None and self.cfg.pause_on_speech:
                     await self._pause(self._speaking)  # a reply that comes while the caller talks waits
                 self.playout.wake()
@@ -184,17 +185,17 @@ class EgressWorker(SessionWorker[EgressState]):
         if delivery.subject.endswith(sj.AUDIO_IN.name):
             self._caller_seen.set()
 
-    async def _refuse(self, frame: ev.AgentAudioFrame) -> None:
-        """A frame at another rate than the session's cannot be played; say so once per reply."""
-        frames["refused"].inc()
-        key = (frame.turn, frame.generation)
+    async def _refuse(self, audio: ev.AgentAudio) -> None:
+        """Audio at another rate than the session's cannot be played; say so once per reply."""
+        frames["refused"].inc(audio.frames)
+        key = (audio.turn, audio.generation)
         if key not in self._refused:
             self._refused.add(key)
             await self.ctx.report(
                 "malformed",
-                f"frames of reply {frame.turn}/{frame.generation} are {frame.sample_rate} Hz; "
+                f"frames of reply {audio.turn}/{audio.generation} are {audio.sample_rate} Hz; "
                 f"this session plays {self.ctx.spec.output_rate} Hz, they are dropped",
-                turn=frame.turn,
+                turn=audio.turn,
             )
 
     async def on_event(self, event: ev.Event, delivery: Delivery) -> None:

@@ -4,7 +4,8 @@ An engine hands over pieces of any length at its own rate. One ``ReplyAudio`` pe
 them (soxr, streaming, so a piece boundary leaves no click) to the session's rate and cuts exact
 20 ms frames, carrying the remainder into the next piece; only the reply's very last frame is
 padded with silence. Word timings are in ms from the reply's first frame: the engine's own where it
-gives them, else estimated by spreading the chunk's audio over its words by character count.
+gives them, else estimated by spreading the chunk's audio over its words by character count. The
+frames that are ready together leave in ``groups`` (one ``AgentAudio`` event each).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import soxr
 
-from proto.events import WordTiming, frame_bytes
+from proto.events import AGENT_AUDIO_MAX_FRAMES, WordTiming, frame_bytes
 from services.tts.engines.base import SynthAudio
 
 
@@ -99,6 +100,20 @@ class Frame:
     chunk: int
     pcm: bytes
     words: tuple[WordTiming, ...] = ()
+
+
+def groups(frames: list[Frame]) -> list[list[Frame]]:
+    """``frames`` (consecutive, ready now) as runs of one chunk of at most ``AGENT_AUDIO_MAX_FRAMES``.
+
+    Nothing waits for frames still to come: the caller publishes every group at once.
+    """
+    runs: list[list[Frame]] = []
+    for frame in frames:
+        if runs and runs[-1][-1].chunk == frame.chunk and len(runs[-1]) < AGENT_AUDIO_MAX_FRAMES:
+            runs[-1].append(frame)
+        else:
+            runs.append([frame])
+    return runs
 
 
 class ReplyAudio:

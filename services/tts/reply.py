@@ -1,13 +1,16 @@
 """One reply on its way from text chunks to frames on the bus.
 
 The chunks of a reply (turn, generation) are pushed into one engine stream in index order as they
-arrive; its audio becomes frames (``ReplyAudio``) published at once, egress does the pacing. The
-engine is usually a fallback chain: when the engine speaking fails, the next one goes on with the
-reply and the frames keep counting, so the reply stays one timeline; the switch is reported to the
-session. If every engine fails, the reply ends with what was said. Only the first frame and the end
-are published inside the "tts.reply" span. ``cancel`` does not rely on the task's cancellation alone:
-on Python 3.11 ``asyncio.wait_for`` inside the NATS client's publish can drop it, and the reply would
-then wait for chunks that never come, so a stop is also queued and checked before every publish.
+arrive; its audio becomes frames (``ReplyAudio``) published at once, egress does the pacing. The frames
+of all the audio the engine has handed over by then leave together, in ``AgentAudio`` events of up to
+10 frames: a TTS faster than real time (or a process running behind) sends fewer messages, and nothing
+is held back waiting for more. The engine is usually a fallback chain: when the engine speaking fails,
+the next one goes on with the reply and the frames keep counting, so the reply stays one timeline; the
+switch is reported to the session. If every engine fails, the reply ends with what was said. Only the
+first audio and the end are published inside the "tts.reply" span. ``cancel`` does not rely on the
+task's cancellation alone: on Python 3.11 ``asyncio.wait_for`` inside the NATS client's publish can
+drop it, and the reply would then wait for chunks that never come, so a stop is also queued and checked
+before every publish.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from services.tts.config import TtsConfig
 from services.tts.engines.base import SynthAudio, TtsEngine, TtsStream
 from services.tts.engines.chunked import speakable
 from services.tts.engines.fallback import FallbackStream
-from services.tts.framing import Frame, ReplyAudio
+from services.tts.framing import Frame, ReplyAudio, groups
 
 log = logging.getLogger("voicebus.tts")
 
@@ -128,8 +131,7 @@ class Reply:
         """Speak the reply to its end, then publish AgentAudioEnd."""
         try:
             await self._speak()
-            for frame in self.audio.finish():
-                await self._publish(frame)
+            await self._publish_all(self.audio.finish())
             with trace.use_span(self._span):
                 end = ev.AgentAudioEnd(
                     session=self.ctx.session,
@@ -156,14 +158,19 @@ class Reply:
                 asyncio.create_task(self._read(stream, items), name=f"tts-read:{reply_id}"),
             ]
             switches = 0
+            ready: list[Frame] = []
             while (item := await items.get()) is not None:
                 if isinstance(item, Exception):
+                    await self._publish_all(ready)
                     raise item
                 if isinstance(item, _Stop):
                     raise asyncio.CancelledError
                 switches = await self._report_switch(stream, switches)
-                for frame in self.audio.add(item):
-                    await self._publish(frame)
+                ready += self.audio.add(item)
+                if items.empty():  # all the engine has produced so far goes out now; nothing waits
+                    await self._publish_all(ready)
+                    ready = []
+            await self._publish_all(ready)
             finished = True
         except ProviderError as e:
             message = f"tts failed on turn {self.turn} after {self.audio.frames} frames: {e}"
@@ -226,24 +233,31 @@ class Reply:
         except Exception as e:  # handed to the reading loop, which ends the reply
             items.put_nowait(e)
 
-    async def _publish(self, frame: Frame) -> None:
+    async def _publish_all(self, frames: list[Frame]) -> None:
+        """Frames that are ready, in as few ``AgentAudio`` events as they fit."""
+        for group in groups(frames):
+            await self._publish(group)
+
+    async def _publish(self, frames: list[Frame]) -> None:
+        """One ``AgentAudio`` of consecutive frames of one chunk; their words ride on its first frame."""
         if self.cancelled:  # on Python 3.11 a publish can swallow the task's cancellation
             raise asyncio.CancelledError
-        event = ev.AgentAudioFrame(
+        first = frames[0]
+        event = ev.AgentAudio(
             session=self.ctx.session,
             turn=self.turn,
             generation=self.generation,
-            index=frame.index,
-            chunk=frame.chunk,
-            pcm=frame.pcm,
+            index=first.index,
+            chunk=first.chunk,
+            pcm=b"".join(f.pcm for f in frames),
             sample_rate=self.ctx.spec.output_rate,
-            words=frame.words,
+            words=tuple(w for f in frames for w in f.words),
         )
-        if frame.index > 0:
+        if first.index > 0:
             await self.ctx.publish(sj.AUDIO_OUT, event)
             return
         at_ns = time.time_ns()
-        with trace.use_span(self._span):  # the first frame carries the trace to egress
+        with trace.use_span(self._span):  # the first audio carries the trace to egress
             await self.ctx.publish(sj.AUDIO_OUT, event)
         if not self.replay:
             ttfb = time.monotonic() - self._received

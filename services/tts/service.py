@@ -1,4 +1,4 @@
-"""The tts stage: reply text chunks in, the agent's voice out as 20 ms frames on ``audio.out``.
+"""The tts stage: reply text chunks in, the agent's voice out on ``audio.out`` (20 ms frames, grouped).
 
 Per session, a ``TtsWorker`` follows the conversation feed. Each reply (turn, generation) gets its
 own engine stream (``reply.Reply``); its chunks are de-duplicated by index and pushed in order. A

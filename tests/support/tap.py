@@ -16,6 +16,7 @@ from proto import subjects as sj
 from services.runtime.bus import Bus
 
 E = TypeVar("E", bound=ev.Event)
+T = TypeVar("T")
 
 
 class Tap:
@@ -51,6 +52,12 @@ class Tap:
         """Events of ``kind`` seen so far that satisfy ``where``."""
         return [e for _, e, _ in self.events if isinstance(e, kind) and where(e)]
 
+    def agent_frames(
+        self, where: Callable[[ev.AgentAudioFrame], bool] = lambda _: True
+    ) -> list[ev.AgentAudioFrame]:
+        """The 20 ms frames the TTS sent on ``audio.out`` so far (its ``AgentAudio`` events split)."""
+        return [f for a in self.of(ev.AgentAudio) for f in a.split() if where(f)]
+
     async def wait(
         self,
         kind: type[E],
@@ -59,16 +66,25 @@ class Tap:
         timeout: float = 10.0,
     ) -> list[E]:
         """Wait until ``count`` events of ``kind`` satisfying ``where`` have arrived; return them."""
+        return await self._wait(lambda: self.of(kind, where), count, timeout, kind.__name__)
 
-        async def enough() -> list[E]:
+    async def wait_agent_frames(
+        self,
+        where: Callable[[ev.AgentAudioFrame], bool] = lambda _: True,
+        count: int = 1,
+        timeout: float = 10.0,
+    ) -> list[ev.AgentAudioFrame]:
+        """Wait until the TTS has sent ``count`` frames satisfying ``where``; return them."""
+        return await self._wait(lambda: self.agent_frames(where), count, timeout, "agent frames")
+
+    async def _wait(self, seen: Callable[[], list[T]], count: int, timeout: float, what: str) -> list[T]:
+        async def enough() -> list[T]:
             async with self._changed:
-                await self._changed.wait_for(lambda: len(self.of(kind, where)) >= count)
-            return self.of(kind, where)
+                await self._changed.wait_for(lambda: len(seen()) >= count)
+            return seen()
 
         try:
             return await asyncio.wait_for(enough(), timeout)
         except TimeoutError:
-            seen = [type(e).__name__ for _, e, _ in self.events][-30:]
-            raise AssertionError(
-                f"timed out waiting for {count} {kind.__name__}; last seen: {seen}"
-            ) from None
+            last = [type(e).__name__ for _, e, _ in self.events][-30:]
+            raise AssertionError(f"timed out waiting for {count} {what}; last seen: {last}") from None
