@@ -1,9 +1,10 @@
 """The ingress stage: a session's caller audio in, 16 kHz 20 ms frames and the VAD's speech events out.
 
 Per session, a ``CallerSource`` (bus or file, by ``spec.source``) delivers audio to a ``CallerStream``,
-which frames it, runs the VAD and publishes. The worker checkpoints the stream at every speech start
-and stop and about once a second, so a replica that takes the session over continues the frame index,
-the VAD state and the file position instead of starting the caller's stream again.
+which frames it, runs the VAD and publishes the frames a few at a time. The worker checkpoints the
+stream at every speech start and stop and about once a second, so a replica that takes the session
+over continues the frame index, the VAD state and the file position instead of starting the caller's
+stream again.
 """
 
 from __future__ import annotations
@@ -96,11 +97,11 @@ class IngressWorker(service.SessionWorker[IngressState]):
 
     async def _checkpoint(self) -> None:
         """Save the stream and the source position (a failed save is retried at the next interval)."""
-        state = self.stream.save()
-        if self.source is not None:
-            state.source = self.source.position
         self._checkpointed = time.monotonic()
         try:
+            state = await self.stream.save()
+            if self.source is not None:
+                state.source = self.source.position
             await self.ctx.checkpoint(state)
         except Exception:  # the bus is down: frames cannot go out either; the next save catches up
             logger.warning("checkpoint of the caller stream failed", exc_info=True)
