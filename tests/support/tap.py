@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from nats.aio.msg import Msg
@@ -16,6 +17,28 @@ from proto import subjects as sj
 from services.runtime.bus import Bus
 
 E = TypeVar("E", bound=ev.Event)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class CallerFrame:
+    """One 20 ms frame of a UserAudio, with its VAD probability and the event's seq and ts."""
+
+    index: int
+    pcm: bytes
+    speech_prob: float
+    seq: int
+    ts: int
+
+
+def caller_frames(events: Iterable[ev.Event]) -> list[CallerFrame]:
+    """The frames of the UserAudio events among ``events``, one by one, in event order."""
+    return [
+        CallerFrame(index, pcm, prob, audio.seq, audio.ts)
+        for audio in events
+        if isinstance(audio, ev.UserAudio)
+        for (index, pcm), prob in zip(audio.each_frame(), audio.speech_probs, strict=True)
+    ]
 
 
 class Tap:
@@ -51,6 +74,10 @@ class Tap:
         """Events of ``kind`` seen so far that satisfy ``where``."""
         return [e for _, e, _ in self.events if isinstance(e, kind) and where(e)]
 
+    def frames(self, where: Callable[[CallerFrame], bool] = lambda _: True) -> list[CallerFrame]:
+        """Caller frames seen so far (UserAudio events taken apart) that satisfy ``where``."""
+        return [f for f in caller_frames(e for _, e, _ in self.events) if where(f)]
+
     async def wait(
         self,
         kind: type[E],
@@ -59,16 +86,25 @@ class Tap:
         timeout: float = 10.0,
     ) -> list[E]:
         """Wait until ``count`` events of ``kind`` satisfying ``where`` have arrived; return them."""
+        return await self._wait_for(lambda: self.of(kind, where), count, timeout, kind.__name__)
 
-        async def enough() -> list[E]:
+    async def wait_frames(
+        self,
+        where: Callable[[CallerFrame], bool] = lambda _: True,
+        count: int = 1,
+        timeout: float = 10.0,
+    ) -> list[CallerFrame]:
+        """Wait until ``count`` caller frames satisfying ``where`` have arrived; return them."""
+        return await self._wait_for(lambda: self.frames(where), count, timeout, "caller frames")
+
+    async def _wait_for(self, seen: Callable[[], list[T]], count: int, timeout: float, what: str) -> list[T]:
+        async def enough() -> list[T]:
             async with self._changed:
-                await self._changed.wait_for(lambda: len(self.of(kind, where)) >= count)
-            return self.of(kind, where)
+                await self._changed.wait_for(lambda: len(seen()) >= count)
+            return seen()
 
         try:
             return await asyncio.wait_for(enough(), timeout)
         except TimeoutError:
-            seen = [type(e).__name__ for _, e, _ in self.events][-30:]
-            raise AssertionError(
-                f"timed out waiting for {count} {kind.__name__}; last seen: {seen}"
-            ) from None
+            last = [type(e).__name__ for _, e, _ in self.events][-30:]
+            raise AssertionError(f"timed out waiting for {count} {what}; last seen: {last}") from None
