@@ -237,6 +237,7 @@ async def test_frames_a_successor_ingress_batches_differently_are_taken_once_eac
 
 async def test_bad_input_is_reported_and_the_session_goes_on(stack: Stack, bus: Bus, session_id: str) -> None:
     await serve(stack, bus, session_id, **BENCH)
+
     def user_audio(pcm_bytes: int, frames: int) -> bytes:  # built raw: the constructor refuses these
         audio = {"type": "UserAudio", "session": session_id, "index": 0, "pcm": b"\0" * pcm_bytes}
         return codec.encode({**audio, "speech_probs": [0.0] * frames})
