@@ -1,7 +1,8 @@
 """The stt stage as a process on a real bus: audio frames and VAD events in, transcripts and turns out.
 
 A ``Caller`` plays the ingress's part: 20 ms frames on audio.in (UserAudio of up to five) with
-SpeechStarted/SpeechStopped in-band, placed the way the VAD places them (start after its minimum speech, stop after its silence).
+SpeechStarted/SpeechStopped in-band, placed the way the VAD places them (start after its minimum
+speech, stop after its silence).
 """
 
 from __future__ import annotations
