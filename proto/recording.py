@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
-from proto.events import SessionId
+from proto.events import NonNegative, SessionId
 
 
 class RecordedMessage(msgspec.Struct, array_like=True, frozen=True):
@@ -28,7 +28,7 @@ class RecordedCallerAudio(msgspec.Struct, frozen=True):
     and whole 16 kHz frames in ``pcm``, so reading just these fields replays either.
     """
 
-    index: int
+    index: NonNegative
     pcm: bytes
 
 
