@@ -11,12 +11,13 @@ Evolution rule: new fields get defaults, existing fields never change type. A br
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Sample rate of user audio after the ingress has normalised it (16 kHz mono, the rate every STT takes).
 USER_RATE = 16_000
@@ -25,6 +26,11 @@ FRAME_MS = 20
 #: Most 20 ms frames one ``AgentAudio`` event carries (200 ms): enough to cut the message rate on
 #: ``audio.out`` tenfold while the TTS runs ahead, small enough that a cut reply wastes little.
 AGENT_AUDIO_MAX_FRAMES = 10
+#: Most frames one ``UserAudio`` carries (100 ms). Batching cuts the messages on ``audio.in`` (the
+#: per-message cost of Python and the server, not the bytes, is what limits calls per host) to a fifth;
+#: a partial transcript waits at most 80 ms more for its audio, and the end of speech is never held
+#: back: the ingress sends what it holds before every speech start or stop.
+USER_AUDIO_MAX_FRAMES = 5
 #: Output rates an agent audio stream may use.
 AgentRate = Literal[8000, 16000, 22050, 24000, 44100, 48000]
 AGENT_RATES: tuple[int, ...] = AgentRate.__args__  # type: ignore[attr-defined]
@@ -42,6 +48,10 @@ Text = Annotated[str, Meta(max_length=16_384)]
 def frame_bytes(sample_rate: int) -> int:
     """Bytes in one ``FRAME_MS`` frame of mono s16le audio at ``sample_rate``."""
     return sample_rate * FRAME_MS // 1000 * 2
+
+
+#: Bytes of one frame of user audio.
+USER_FRAME_BYTES = frame_bytes(USER_RATE)
 
 
 class Event(msgspec.Struct, tag=True, tag_field="type", kw_only=True, frozen=True):
@@ -122,19 +132,48 @@ class CallerAudio(Event, kw_only=True, frozen=True):
 # --- user audio and voice activity (ingress -> stt, egress, dialogue) -------------------------------
 
 
-class UserAudioFrame(Event, kw_only=True, frozen=True):
-    """One 20 ms frame of the caller's audio at 16 kHz; ``index`` counts frames from stream start."""
+class UserAudio(Event, kw_only=True, frozen=True):
+    """One to five consecutive 20 ms frames (``USER_AUDIO_MAX_FRAMES``) of the caller's 16 kHz audio.
+
+    ``index`` is the stream index of the first frame (frames count from stream start); the frames
+    that follow it are ``index + 1``, ``index + 2``, ... ``speech_probs`` holds one VAD probability per
+    frame: the probability of the window the frame completed, 0.0 where it completed none.
+    """
 
     index: NonNegative
-    pcm: Annotated[bytes, Meta(min_length=640, max_length=640)]
+    pcm: Annotated[
+        bytes, Meta(min_length=USER_FRAME_BYTES, max_length=USER_AUDIO_MAX_FRAMES * USER_FRAME_BYTES)
+    ]
     sample_rate: Literal[16000] = 16000
-    #: The VAD's speech probability for the window this frame completed, if it completed one.
-    speech_prob: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
+    speech_probs: Annotated[
+        tuple[Annotated[float, Meta(ge=0.0, le=1.0)], ...],
+        Meta(min_length=1, max_length=USER_AUDIO_MAX_FRAMES),
+    ]
+
+    def __post_init__(self) -> None:
+        frames, rest = divmod(len(self.pcm), USER_FRAME_BYTES)
+        if rest or not 1 <= frames <= USER_AUDIO_MAX_FRAMES:
+            raise ValueError(
+                f"pcm of {len(self.pcm)} bytes is not 1 to {USER_AUDIO_MAX_FRAMES} whole "
+                f"{FRAME_MS} ms frames of {USER_FRAME_BYTES} bytes"
+            )
+        if len(self.speech_probs) != frames:
+            raise ValueError(f"{len(self.speech_probs)} speech_probs for {frames} frames (one per frame)")
+
+    @property
+    def frames(self) -> int:
+        """Number of 20 ms frames carried."""
+        return len(self.pcm) // USER_FRAME_BYTES
 
     @property
     def audio_ms(self) -> int:
-        """Stream time at the start of this frame."""
+        """Stream time at the start of the first frame."""
         return self.index * FRAME_MS
+
+    def each_frame(self) -> Iterator[tuple[int, bytes]]:
+        """Each frame's stream index and pcm, in order."""
+        for k in range(self.frames):
+            yield self.index + k, self.pcm[k * USER_FRAME_BYTES : (k + 1) * USER_FRAME_BYTES]
 
 
 class SpeechStarted(Event, kw_only=True, frozen=True):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
-from proto.events import SessionId
+from proto.events import NonNegative, SessionId
 
 
 class RecordedMessage(msgspec.Struct, array_like=True, frozen=True):
@@ -18,6 +18,18 @@ class RecordedMessage(msgspec.Struct, array_like=True, frozen=True):
     stream_seq: int
     time_ns: int
     data: bytes
+
+
+class RecordedCallerAudio(msgspec.Struct, frozen=True):
+    """The part of a caller audio event on ``audio.in`` that every recording has, whatever its age.
+
+    Recordings made before frames were batched hold one ``UserAudioFrame`` per 20 ms frame; later
+    ones hold ``UserAudio`` of several. Both are maps with the stream ``index`` of their first frame
+    and whole 16 kHz frames in ``pcm``, so reading just these fields replays either.
+    """
+
+    index: NonNegative
+    pcm: bytes
 
 
 class Recording(msgspec.Struct, kw_only=True, frozen=True):

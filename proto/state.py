@@ -151,7 +151,7 @@ class SourcePosition(msgspec.Struct, kw_only=True):
 class IngressState(StageState, kw_only=True):
     """Where the ingress is in a session's caller stream, so a successor goes on with the same frames."""
 
-    #: Index of the next UserAudioFrame.
+    #: Index of the next caller frame (the first frame of the next UserAudio).
     next_frame: int = 0
     speech: SpeechState = msgspec.field(default_factory=SpeechState)
     #: Wall-clock time the last speech frame of the open segment reached the ingress.

@@ -83,11 +83,14 @@ MEDIA_OUT = Channel(
 )
 AUDIO_IN = Channel(
     "audio.in",
-    (ev.UserAudioFrame, ev.SpeechStarted, ev.SpeechStopped),
+    (ev.UserAudio, ev.SpeechStarted, ev.SpeechStopped),
     producers=("ingress",),
     consumers=("stt",),
-    description="Caller audio as 20 ms 16 kHz frames, with the VAD's speech events in-band.",
-    max_bytes=4_096,
+    description=(
+        f"Caller audio at 16 kHz, up to {ev.USER_AUDIO_MAX_FRAMES} consecutive {ev.FRAME_MS} ms frames "
+        "per event, with the VAD's speech events in-band (each right after the frame it names)."
+    ),
+    max_bytes=4_096,  # a full UserAudio with the longest session id and largest numbers: 3411 bytes
 )
 AUDIO_OUT = Channel(
     "audio.out",

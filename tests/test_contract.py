@@ -91,6 +91,17 @@ def events_of(kind: type[ev.Event]) -> st.SearchStrategy[ev.Event]:
             st.integers(0, 99),
             st.integers(0, 9999),
         )
+    if kind is ev.UserAudio:  # whole 20 ms frames, one VAD probability each
+        return st.integers(1, ev.USER_AUDIO_MAX_FRAMES).flatmap(
+            lambda n: st.builds(
+                lambda index, pcm, probs: ev.UserAudio(
+                    session="s1", index=index, pcm=pcm, speech_probs=probs
+                ),
+                st.integers(0, 2**40),
+                st.binary(min_size=n * ev.USER_FRAME_BYTES, max_size=n * ev.USER_FRAME_BYTES),
+                st.tuples(*[st.floats(0.0, 1.0)] * n),
+            )
+        )
     if kind is ev.CallerAudio:  # whole samples of its channel count
         return st.builds(
             lambda channels, n, rate: ev.CallerAudio(
@@ -121,7 +132,7 @@ def test_every_event_round_trips_on_its_channels(kind: type[ev.Event], data: st.
 
 
 def test_stamping_sets_sequence_and_time_only() -> None:
-    frame = ev.UserAudioFrame(session="s1", index=7, pcm=b"\0" * 640)
+    frame = ev.UserAudio(session="s1", index=7, pcm=b"\0" * 640, speech_probs=(0.0,))
     stamped = codec.stamp(frame, 42, 1_700_000_000_000_000_000)
     assert (stamped.seq, stamped.ts, stamped.index, stamped.pcm) == (
         42,
@@ -131,8 +142,47 @@ def test_stamping_sets_sequence_and_time_only() -> None:
     )
 
 
-def frame_bytes(session: str = "s1", **kw: Any) -> bytes:
-    return codec.encode(ev.UserAudioFrame(session=session, index=1, pcm=b"\0" * 640, **kw))
+def user_audio(frames: int, pcm_bytes: int | None = None, session: str = "s1") -> dict[str, Any]:
+    """A UserAudio as a map, so that shapes its constructor refuses can be sent too."""
+    pcm = b"\0" * (frames * ev.USER_FRAME_BYTES if pcm_bytes is None else pcm_bytes)
+    probs = [0.0] * frames
+    return {
+        "type": "UserAudio",
+        "session": session,
+        "index": 1,
+        "pcm": pcm,
+        "sample_rate": 16000,
+        "speech_probs": probs,
+    }
+
+
+def frame_bytes(session: str = "s1") -> bytes:
+    return codec.encode(user_audio(1, session=session))
+
+
+def test_user_audio_carries_consecutive_frames() -> None:
+    pcm = b"".join(bytes([k]) * ev.USER_FRAME_BYTES for k in range(3))
+    audio = ev.UserAudio(session="s1", index=10, pcm=pcm, speech_probs=(0.0, 0.9, 0.0))
+    assert (audio.frames, audio.audio_ms) == (3, 200)
+    assert [(i, p[0], len(p)) for i, p in audio.each_frame()] == [(10, 0, 640), (11, 1, 640), (12, 2, 640)]
+
+
+@pytest.mark.parametrize(
+    ("frames", "pcm_bytes", "message"),
+    [
+        (1, 320, "pcm of 320 bytes is not 1 to 5 whole 20 ms frames of 640 bytes"),
+        (2, 1000, "pcm of 1000 bytes is not 1 to 5 whole 20 ms frames"),
+        (6, 6 * 640, "pcm of 3840 bytes is not 1 to 5 whole 20 ms frames"),
+        (0, 0, "pcm of 0 bytes is not 1 to 5 whole"),
+        (1, 2 * 640, "1 speech_probs for 2 frames"),
+    ],
+)
+def test_user_audio_of_partial_or_too_many_frames_is_refused(
+    frames: int, pcm_bytes: int, message: str
+) -> None:
+    probs = (0.0,) * frames
+    with pytest.raises(ValueError, match=message):
+        ev.UserAudio(session="s1", index=0, pcm=b"\0" * pcm_bytes, speech_probs=probs)
 
 
 def test_agent_audio_splits_into_the_frames_egress_plays() -> None:
@@ -187,11 +237,14 @@ def agent_audio(kind: str, pcm_bytes: int, sample_rate: int = 24000) -> bytes:
         ("vb.s1.transcript", frame_bytes(), "wrong_subject", "invalid transcript event"),
         ("vb.s2.audio.in", frame_bytes("s1"), "unknown_session", "arrived on"),
         ("vb.s1.nope", frame_bytes(), "wrong_subject", "not a voicebus session subject"),
+        ("vb.s1.audio.in", codec.encode(user_audio(1, 320)), "malformed", "length >= 640"),
+        ("vb.s1.audio.in", codec.encode(user_audio(2, 1000)), "malformed", "not 1 to 5 whole 20 ms frames"),
+        ("vb.s1.audio.in", codec.encode(user_audio(6)), "malformed", "length <= 3200"),
         (
             "vb.s1.audio.in",
-            codec.encode(ev.UserAudioFrame(session="s1", index=1, pcm=b"\0" * 320)),
+            codec.encode({**user_audio(2), "speech_probs": [0.5]}),
             "malformed",
-            "length >= 640",
+            "1 speech_probs",
         ),
         ("vb.s1.audio.in", frame_bytes().replace(b"\xcd>\x80", b"\xcd\x1f@"), "malformed", "sample_rate"),
         (
@@ -262,8 +315,8 @@ def test_document_describes_every_channel_and_event() -> None:
     addresses = {ch["address"] for ch in doc["channels"].values()}
     assert {f"vb.{{session}}.{c.name}" for c in sj.CHANNELS} <= addresses
     assert {t.__name__ for t in EVENT_TYPES} <= set(doc["components"]["schemas"])
-    pcm = doc["components"]["schemas"]["UserAudioFrame"]["properties"]["pcm"]
-    assert pcm["minLength"] == 640
+    pcm = doc["components"]["schemas"]["UserAudio"]["properties"]["pcm"]
+    assert (pcm["minLength"], pcm["maxLength"]) == (640, 5 * 640)
 
 
 def test_no_subject_is_spelled_outside_proto() -> None:

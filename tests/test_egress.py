@@ -84,15 +84,29 @@ def media_out(tap: Tap, turn: int) -> list[tuple[int, float]]:
 
 
 async def speak(bus: Bus, session: str, frames: int, loud: set[int], t0_ns: int) -> None:
-    """The ingress's side: caller frames on a real-time schedule, frame i stamped t0 + 20 ms * i (as
-    an ingress pacing a file does), so where each belongs in the recording is known exactly."""
+    """The ingress's side: caller frames on a real-time schedule, five to a UserAudio sent when its
+    last frame i is due and stamped t0 + 20 ms * i (as an ingress pacing a file does), so where each
+    frame belongs in the recording is known exactly."""
     rng = np.random.default_rng(5)
     t0 = time.monotonic()
-    for i in range(frames):
-        await asyncio.sleep(max(0.0, t0 + 0.02 * i - time.monotonic()))
-        pcm = (rng.normal(0, 6000, 320) if i in loud else np.zeros(320)).astype("<i2").tobytes()
-        frame = ev.UserAudioFrame(session=session, index=i, pcm=pcm, seq=i + 1, ts=t0_ns + i * 20_000_000)
-        await bus.nc.publish(sj.AUDIO_IN.subject(session), codec.encode(frame))
+    per = ev.USER_AUDIO_MAX_FRAMES
+    for first in range(0, frames, per):
+        last = min(first + per, frames) - 1
+        await asyncio.sleep(max(0.0, t0 + 0.02 * last - time.monotonic()))
+        pcm = b"".join(
+            (rng.normal(0, 6000, 320) if i in loud else np.zeros(320)).astype("<i2").tobytes()
+            for i in range(first, last + 1)
+        )
+        probs = (0.0,) * (last + 1 - first)
+        audio = ev.UserAudio(
+            session=session,
+            index=first,
+            pcm=pcm,
+            speech_probs=probs,
+            seq=first // per + 1,
+            ts=t0_ns + last * 20_000_000,
+        )
+        await bus.nc.publish(sj.AUDIO_IN.subject(session), codec.encode(audio))
 
 
 async def played(tap: Tap, turn: int, frames: int) -> None:
@@ -200,7 +214,7 @@ async def test_file_sink_and_recording_put_each_voice_where_it_was_heard(
     async with Tap(bus, session_id) as tap:
         speaking = asyncio.create_task(speak(bus, session_id, 110, loud, t0_ns := time.time_ns()))
         try:
-            await tap.wait(ev.UserAudioFrame, lambda f: f.index == 60)
+            await tap.wait_frames(lambda f: f.index == 60)
             await send_reply(bus, reply(session_id, 1, 25))  # the agent answers while the caller is silent
             (started,) = await tap.wait(ev.PlayoutStarted)
             await tap.wait(ev.PlayoutStopped)
@@ -341,7 +355,7 @@ async def test_a_handover_mid_reply_continues_the_reply_and_both_wav_files(
     async with Tap(bus, session_id) as tap:
         speaking = asyncio.create_task(speak(bus, session_id, 160, loud, t0_ns := time.time_ns()))
         try:
-            await tap.wait(ev.UserAudioFrame, lambda f: f.index == 30)
+            await tap.wait_frames(lambda f: f.index == 30)
             await send_reply(bus, reply(session_id, 1, 100))  # 2 s: the handover falls in the middle
             await tap.wait(ev.PlayoutStarted)
             (victim,) = [p for p in stack.of("egress") if p.replica == owners["egress"].replica]

@@ -7,8 +7,13 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
+from proto import codec
+from proto import events as ev
+from proto import subjects as sj
+from proto.recording import RecordedMessage
 from services.runtime.bus import Bus
 from services.tools import replay
 from services.tools.stack import Stack
@@ -37,6 +42,33 @@ def test_there_are_golden_recordings() -> None:
     for path in RECORDINGS:
         outcomes = replay.outcomes(replay.events_of(replay.load(path)))
         assert outcomes and all(t.said and t.replied for t in outcomes), path.name
+
+
+def test_replay_reads_the_callers_audio_of_old_and_new_recordings() -> None:
+    old = replay.load(golden.DIR / "dog.vbrec")  # recorded when audio.in carried a UserAudioFrame per frame
+    subject = sj.AUDIO_IN.subject(old.session)
+    recorded = [msgspec.msgpack.decode(m.data) for m in old.messages if m.subject == subject]
+    old_frames = {d["index"]: d["pcm"] for d in recorded if d["type"] == "UserAudioFrame"}
+    frames = replay.caller_frames(old)
+    assert frames == [old_frames[i] for i in range(len(old_frames))]
+    assert any(f.strip(b"\0") for f in frames)
+
+    # the same audio as the ingress sends it now: UserAudio of up to five frames
+    per = ev.USER_AUDIO_MAX_FRAMES
+    batches = [
+        ev.UserAudio(
+            session=old.session,
+            index=at,
+            pcm=b"".join(frames[at : at + per]),
+            speech_probs=(0.0,) * len(frames[at : at + per]),
+        )
+        for at in range(0, len(frames), per)
+    ]
+    messages = [m for m in old.messages if m.subject != subject]
+    messages += [RecordedMessage(subject, 0, 0, codec.encode(b)) for b in batches]
+    new = msgspec.structs.replace(old, messages=messages)
+    assert replay.caller_frames(new) == frames
+    assert replay.outcomes(replay.events_of(new)) == replay.outcomes(replay.events_of(old))
 
 
 @pytest.mark.parametrize("path", RECORDINGS, ids=lambda p: p.stem)

@@ -79,10 +79,6 @@ def on(tap: Tap, channel: sj.Channel) -> list[ev.Event]:
     return [e for s, e, _ in tap.events if s == subject]
 
 
-def frames(tap: Tap) -> list[ev.UserAudioFrame]:
-    return tap.of(ev.UserAudioFrame)
-
-
 def near(value: int, expected: int) -> bool:
     return abs(value - expected) <= TOLERANCE_MS
 
@@ -98,10 +94,10 @@ async def test_speech_at_48k_stereo_becomes_frames_and_one_segment(
         await open_session(bus, ev.SessionSpec(session=session_id), stages=("ingress",))
         fed_from = time.time_ns()
         await feed(bus, caller_audio(session_id, audio, 48000, 2))
-        await tap.wait(ev.UserAudioFrame, count=total, timeout=30)
+        await tap.wait_frames(count=total, timeout=30)
         await tap.wait(ev.SpeechStopped, count=2)  # in-band and on the speech channel
 
-    assert [f.index for f in frames(tap)] == list(range(total))
+    assert [f.index for f in tap.frames()] == list(range(total))
     (started,) = [e for e in on(tap, sj.SPEECH) if isinstance(e, ev.SpeechStarted)]
     (stopped,) = [e for e in on(tap, sj.SPEECH) if isinstance(e, ev.SpeechStopped)]
     speech_end_ms = 320 + SPEECH_MS
@@ -112,16 +108,22 @@ async def test_speech_at_48k_stereo_becomes_frames_and_one_segment(
     assert near(started.at_frame * 20, started.start_ms + 96)
     assert fed_from <= stopped.speech_end_ts <= stopped.ts
 
-    # in-band: each speech event right after the frame that triggered it, and the same event as on `speech`
+    # in-band: each speech event right after the frame that triggered it (the last of its UserAudio:
+    # held frames go out first, then the event at once), and the same event as on `speech`
     in_band = on(tap, sj.AUDIO_IN)
     for event in (started, stopped):
         (at,) = [i for i, e in enumerate(in_band) if type(e) is type(event)]
         before, after = in_band[at - 1], in_band[at + 1]
-        assert isinstance(before, ev.UserAudioFrame) and before.index == event.at_frame
-        assert isinstance(after, ev.UserAudioFrame) and after.index == event.at_frame + 1
+        assert isinstance(before, ev.UserAudio) and before.index + before.frames - 1 == event.at_frame
+        assert isinstance(after, ev.UserAudio) and after.index == event.at_frame + 1
         assert codec.stamp(in_band[at], 0, 0) == codec.stamp(event, 0, 0)
+    # several frames per message: about a fifth of the messages, plus the flushes before the two
+    # speech events, at the end and at the checkpoints (about one a second)
+    batches = tap.of(ev.UserAudio)
+    assert all(1 <= b.frames <= ev.USER_AUDIO_MAX_FRAMES for b in batches)
+    assert len(batches) <= total // ev.USER_AUDIO_MAX_FRAMES + 10
 
-    probs = [f.speech_prob for f in frames(tap)]
+    probs = [f.speech_prob for f in tap.frames()]
     assert max(probs[:14]) < 0.1 and max(probs[20:90]) > 0.9 and max(probs[110:]) < 0.1
 
 
@@ -132,11 +134,11 @@ async def test_silence_and_low_noise_start_no_speech(stack: Stack, bus: Bus, ses
     async with Tap(bus, session_id) as tap:
         await open_session(bus, ev.SessionSpec(session=session_id), stages=("ingress",))
         await feed(bus, caller_audio(session_id, audio, 8000, 1))
-        await tap.wait(ev.UserAudioFrame, count=len(audio) // FRAME, timeout=30)
+        await tap.wait_frames(count=len(audio) // FRAME, timeout=30)
 
-    assert [f.index for f in frames(tap)] == list(range(len(audio) // FRAME))
+    assert [f.index for f in tap.frames()] == list(range(len(audio) // FRAME))
     assert not tap.of(ev.SpeechStarted) and not tap.of(ev.SpeechStopped)
-    assert max(f.speech_prob for f in frames(tap)) < 0.5
+    assert max(f.speech_prob for f in tap.frames()) < 0.5
 
 
 def write_wav(path: Path, audio16: np.ndarray, rate: int, channels: int) -> Path:
@@ -164,7 +166,7 @@ async def test_the_file_source_plays_a_wav_paced_then_ends_the_session_after_the
         (ended,) = await tap.wait(ev.SessionEnded, timeout=30)
 
     assert ended.reason == "completed"
-    played = frames(tap)
+    played = tap.frames()
     assert [f.index for f in played] == list(range(total))
     assert [e.segment for e in on(tap, sj.SPEECH)] == [0, 0]
     assert max(f.speech_prob for f in played[20:90]) > 0.9
@@ -189,11 +191,11 @@ async def test_bad_caller_audio_is_reported_and_the_stream_goes_on(
         await bus.nc.publish(subject, codec.encode(odd))
         await feed(bus, good[4:])
         errors = await tap.wait(ev.ErrorEvent, count=3)
-        await tap.wait(ev.UserAudioFrame, count=len(good))
+        await tap.wait_frames(count=len(good))
 
     assert {(e.stage, e.code, e.subject) for e in errors} == {("ingress", "malformed", subject)}
     assert any("sample_rate" in e.message for e in errors)
-    served = frames(tap)
+    served = tap.frames()
     assert [f.index for f in served] == list(range(len(good)))
     assert b"".join(f.pcm for f in served) == b"".join(c.pcm for c in good)
 
@@ -229,7 +231,7 @@ async def test_unplayable_sources_are_reported_and_the_replica_serves_on(
     async with Tap(bus, session_id) as tap:  # the same replica still serves a session that works
         await open_session(bus, ev.SessionSpec(session=session_id), stages=("ingress",))
         await feed(bus, caller_audio(session_id, silence(100), 16000, 1))
-        await tap.wait(ev.UserAudioFrame, count=5)
+        await tap.wait_frames(count=5)
     assert all(p.alive for p in stack.processes)
 
 
@@ -246,7 +248,7 @@ async def test_a_successor_continues_the_frames_after_the_owner_is_killed_mid_st
         feeder = asyncio.create_task(feed(bus, caller_audio(session_id, audio, 16000, 1), period_s=0.02))
         try:
             # kill the owner inside the second segment: frames, VAD state and segment count must carry on
-            await tap.wait(ev.UserAudioFrame, lambda f: f.index >= second_speech_frame + 10, timeout=30)
+            await tap.wait_frames(lambda f: f.index >= second_speech_frame + 10, timeout=30)
             (owner,) = [p for p in stack.of("ingress") if p.replica == owners["ingress"].replica]
             await asyncio.to_thread(stack.kill, owner, signal.SIGKILL)
             await feeder
@@ -254,10 +256,10 @@ async def test_a_successor_continues_the_frames_after_the_owner_is_killed_mid_st
             feeder.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await feeder
-        await tap.wait(ev.UserAudioFrame, lambda f: f.index == total - 1, timeout=30)
+        await tap.wait_frames(lambda f: f.index == total - 1, timeout=30)
         await tap.wait(ev.SpeechStopped, lambda e: e.segment == 1, timeout=10)
 
-    seen = frames(tap)
+    seen = tap.frames()
     assert {f.index for f in seen} == set(range(total))
     # an index is only ever re-published with the same audio (stt keeps the first copy)
     for f in seen:
@@ -285,13 +287,13 @@ async def test_a_successor_continues_a_file_where_the_killed_owner_was(
     spec = ev.SessionSpec(session=session_id, source="file", source_uri=str(path), speed=2.0)
     async with Tap(bus, session_id) as tap:
         owners = await open_session(bus, spec, stages=("ingress",))
-        await tap.wait(ev.UserAudioFrame, lambda f: f.index >= 60, timeout=30)
+        await tap.wait_frames(lambda f: f.index >= 60, timeout=30)
         (owner,) = [p for p in stack.of("ingress") if p.replica == owners["ingress"].replica]
         await asyncio.to_thread(stack.kill, owner, signal.SIGKILL)
         (ended,) = await tap.wait(ev.SessionEnded, timeout=30)
 
     assert ended.reason == "completed" and ended.seq >> 32 == 2
-    seen = frames(tap)
+    seen = tap.frames()
     assert {f.index for f in seen} == set(range(total))
     silent = bytes(2 * FRAME)
     for f in seen:  # the successor resumed the file at the checkpointed position, not from its start
@@ -343,19 +345,19 @@ async def test_cost_and_latency_per_frame_are_measured(
             before, cpu_before = time.monotonic(), cpu_seconds(proc.proc.pid)
             await feed(bus, chunks, period_s=0.02)
             frames_so_far += len(audio) // FRAME
-            await tap.wait(ev.UserAudioFrame, count=frames_so_far, timeout=30)
+            await tap.wait_frames(count=frames_so_far, timeout=30)
             busy = cpu_seconds(proc.proc.pid) - cpu_before - idle_rate * (time.monotonic() - before)
             report.append(f"{rate} Hz x{channels}: {busy / (len(audio) // FRAME) * 1e6:.0f} us CPU per frame")
             if rate == 16000:  # chunk i is frame i: edge publish -> frame published, bus hop included
                 sent = [c.ts for c in tap.of(ev.CallerAudio)]
-                hop = sorted((f.ts - sent[f.index]) / 1e6 for f in frames(tap))
+                hop = sorted((f.ts - sent[f.index]) / 1e6 for f in tap.frames())
                 p50, p95 = hop[len(hop) // 2], hop[len(hop) * 95 // 100]
                 report.append(f"edge -> frame published: p50 {p50:.2f} ms, p95 {p95:.2f} ms")
 
     metrics = scrape(proc.http_port)
     windows = metrics["vb_ingress_vad_inference_seconds_count"]
     assert windows >= 2 * (len(audio) // 512)  # every 32 ms window went through Silero
-    assert [f.index for f in frames(tap)] == list(range(frames_so_far))
+    assert [f.index for f in tap.frames()] == list(range(frames_so_far))
     vad_us = metrics["vb_ingress_vad_inference_seconds_sum"] / windows * 1e6
     delay_us = (
         metrics["vb_ingress_frame_delay_seconds_sum"] / metrics["vb_ingress_frame_delay_seconds_count"] * 1e6

@@ -25,7 +25,7 @@ from services.ingress.webrtc import EchoGuard, Uplink
 from services.runtime.bus import Bus
 from services.runtime.sessions import open_session
 from services.tools.stack import Stack
-from tests.support.tap import Tap
+from tests.support.tap import CallerFrame, Tap
 from tests.support.webrtc import RATE, SamplesTrack, publish, rms, start_replica, tone
 from tests.test_gateway import serving
 
@@ -109,7 +109,7 @@ def best_match(sent: np.ndarray, received: np.ndarray) -> float:
     )
 
 
-def loud(frames: list[ev.UserAudioFrame], threshold: float = 0.02) -> list[ev.UserAudioFrame]:
+def loud(frames: list[CallerFrame], threshold: float = 0.02) -> list[CallerFrame]:
     return [f for f in frames if rms(np.frombuffer(f.pcm, "<i2")) > threshold]
 
 
@@ -125,7 +125,7 @@ async def test_whip_into_the_ingress_carries_the_callers_voice(
         track = SamplesTrack(soxr.resample(speech, 16_000, RATE, quality="HQ").astype(np.int16), lead_s=0.5)
         async with publish(http, f"{url}/whip/{session_id}", track) as pc:
             stopped = await tap.wait(ev.SpeechStopped, timeout=30)
-            frames = tap.of(ev.UserAudioFrame)
+            frames = tap.frames()
             heard = loud(frames)
             first_loud_ns = min(f.ts for f in heard)
             uplink_ms = (first_loud_ns / 1e9 - track.audio_start) * 1000
@@ -151,13 +151,11 @@ async def test_the_echo_guard_silences_the_caller_as_the_agent_starts(
     async with aiohttp.ClientSession() as http, Tap(bus, session_id) as tap, serving(bus) as url:
         await open_session(bus, spec, stages=("ingress",))
         async with publish(http, f"{url}/whip/{session_id}", SamplesTrack(tone(30.0, hz=200))):
-            await tap.wait(
-                ev.UserAudioFrame, where=lambda f: rms(np.frombuffer(f.pcm, "<i2")) > 0.1, count=25
-            )
+            await tap.wait_frames(where=lambda f: rms(np.frombuffer(f.pcm, "<i2")) > 0.1, count=25)
             started = await bus.publish(sj.PLAYOUT, ev.PlayoutStarted(session=session_id, turn=1))
             after = started.ts + 1_000_000_000
-            await tap.wait(ev.UserAudioFrame, where=lambda f: f.ts > after, timeout=20)
-    frames = tap.of(ev.UserAudioFrame)
+            await tap.wait_frames(where=lambda f: f.ts > after, timeout=20)
+    frames = tap.frames()
     silent = [f for f in frames if rms(np.frombuffer(f.pcm, "<i2")) < 0.001]
     # 600 ms of the tone, from the agent's start, came out as silence; nothing before or after
     assert len(silent) * 20 == pytest.approx(600, abs=60)

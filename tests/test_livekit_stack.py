@@ -199,7 +199,7 @@ async def test_a_call_in_a_room_goes_through_ingress_and_egress(
 
     assert ended.reason == "hangup"
     assert {(i, hidden) for i, hidden, _ in room.joins} == {(listener, True), (agent, False)}
-    frames = tap.of(ev.UserAudioFrame)
+    frames = tap.frames()
     assert [f.index for f in frames] == list(range(len(frames)))  # one frame per 20 ms, none lost
     # the VAD may cut the speech at its pauses; together its segments span the speech
     last = max(tap.of(ev.SpeechStopped), key=lambda e: e.end_ms)

@@ -111,7 +111,7 @@ async def test_the_runtime_serves_a_session_under_the_permissioned_users(
                 # the edge may not publish stage audio; in this test it stands in for ingress through
                 # an ingress-user connection
                 ingress = await connect(secured_nats.url, "ingress")
-                frame = ev.UserAudioFrame(session=session_id, index=0, pcm=b"\0" * 640)
+                frame = ev.UserAudio(session=session_id, index=0, pcm=b"\0" * 640, speech_probs=(0.0,))
                 await ingress.publish(sj.AUDIO_IN.subject(session_id), codec.encode(frame))
                 await ingress.close()
                 (transcript,) = await tap.wait(ev.Transcript)

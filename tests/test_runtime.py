@@ -26,8 +26,8 @@ from tests.support.tap import Tap
 PROBE = "tests.support.probe"
 
 
-def frame(session: str, index: int) -> ev.UserAudioFrame:
-    return ev.UserAudioFrame(session=session, index=index, pcm=b"\0" * 640)
+def frame(session: str, index: int) -> ev.UserAudio:
+    return ev.UserAudio(session=session, index=index, pcm=b"\0" * 640, speech_probs=(0.0,))
 
 
 async def owner_of(bus: Bus, stage: str, session: str) -> OwnerRecord:

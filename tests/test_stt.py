@@ -1,7 +1,8 @@
 """The stt stage as a process on a real bus: audio frames and VAD events in, transcripts and turns out.
 
-A ``Caller`` plays the ingress's part: 20 ms frames on audio.in with SpeechStarted/SpeechStopped
-in-band, placed the way the VAD places them (start after its minimum speech, stop after its silence).
+A ``Caller`` plays the ingress's part: 20 ms frames on audio.in (UserAudio of up to five) with
+SpeechStarted/SpeechStopped in-band, placed the way the VAD places them (start after its minimum
+speech, stop after its silence).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import re
 import signal
 import time
+import urllib.request
 import wave
 from pathlib import Path
 
@@ -58,9 +60,14 @@ class Caller:
         await self.bus.publish(sj.AUDIO_IN, event)
 
     async def frames(self, chunks: list[bytes]) -> None:
-        for pcm in chunks:
-            await self.send(ev.UserAudioFrame(session=self.session, index=self.index, pcm=pcm))
-            self.index += 1
+        """The frames in UserAudio events of up to five, the last one shorter (as before a VAD event)."""
+        for at in range(0, len(chunks), ev.USER_AUDIO_MAX_FRAMES):
+            batch = chunks[at : at + ev.USER_AUDIO_MAX_FRAMES]
+            audio = ev.UserAudio(
+                session=self.session, index=self.index, pcm=b"".join(batch), speech_probs=(0.0,) * len(batch)
+            )
+            await self.send(audio)
+            self.index += len(batch)
 
     async def silence(self, frames: int) -> None:
         await self.frames([SILENCE] * frames)
@@ -203,32 +210,63 @@ async def test_bench_engine_answers_each_end_of_speech_once_and_skips_duplicates
         assert headers[("UserTurnEnded", turn)].split("-")[1:3] == ids
 
 
+def frames_skipped(port: int) -> float:
+    """The stt replica's count of frames skipped as already handled (its Prometheus metric)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    (value,) = [line.rsplit(" ", 1)[1] for line in text.splitlines() if line.startswith(FRAMES_SKIPPED)]
+    return float(value)
+
+
+FRAMES_SKIPPED = 'vb_stt_duplicates_total{kind="frame"}'
+
+
+async def test_frames_a_successor_ingress_batches_differently_are_taken_once_each(
+    stack: Stack, bus: Bus, session_id: str
+) -> None:
+    owner = await serve(stack, bus, session_id, **BENCH)
+    (stt,) = [p for p in stack.of("stt") if p.replica == owner]
+    async with Tap(bus, session_id) as tap:
+        caller = Caller(bus, session_id)
+        await caller.silence(10)  # frames 0-4 and 5-9
+        caller.index = 3  # a successor resumes from an older checkpoint: frames 3-7 and 8-12
+        await caller.silence(10)
+        await caller.utterance(speech_frames())
+        await tap.wait(ev.UserTurnEnded)
+    assert frames_skipped(stt.http_port) == 7  # frames 3 to 9, each once; 10 to 12 are new
+
+
 async def test_bad_input_is_reported_and_the_session_goes_on(stack: Stack, bus: Bus, session_id: str) -> None:
     await serve(stack, bus, session_id, **BENCH)
-    short_frame = ev.UserAudioFrame(session=session_id, index=0, pcm=b"\0" * 100)  # not a 20 ms frame
+
+    def user_audio(pcm_bytes: int, frames: int) -> bytes:  # built raw: the constructor refuses these
+        audio = {"type": "UserAudio", "session": session_id, "index": 0, "pcm": b"\0" * pcm_bytes}
+        return codec.encode({**audio, "speech_probs": [0.0] * frames})
+
+    short_frame = user_audio(100, 1)  # not a 20 ms frame
+    part_frame = user_audio(2 * 640 + 320, 2)  # two frames and a half
+    six_frames = user_audio(6 * 640, 6)  # more than USER_AUDIO_MAX_FRAMES
     wrong_type = ev.Transcript(session=session_id, turn=1, segment=0, text="hi", is_final=True)
     async with Tap(bus, session_id) as tap:
         await bus.nc.publish(sj.AUDIO_IN.subject(session_id), b"\xc1 not msgpack")
-        await bus.nc.publish(sj.AUDIO_IN.subject(session_id), codec.encode(short_frame))
+        for bad_audio in (short_frame, part_frame, six_frames):
+            await bus.nc.publish(sj.AUDIO_IN.subject(session_id), bad_audio)
         await bus.nc.publish(sj.AUDIO_IN.subject(session_id), codec.encode(wrong_type))
         await bus.nc.publish(sj.TRANSCRIPT.subject(session_id), b"\xc1 not msgpack")
         stray = ev.SpeechStopped(
             session=session_id, segment=5, start_ms=0, end_ms=100, at_frame=0, speech_end_ts=1
         )
         await bus.publish(sj.AUDIO_IN, stray)
-        errors = await tap.wait(ev.ErrorEvent, lambda e: e.stage == "stt", count=5)
+        errors = await tap.wait(ev.ErrorEvent, lambda e: e.stage == "stt", count=7)
         caller = Caller(bus, session_id)
         await caller.silence(8)
         await caller.utterance(speech_frames())
         (ended,) = await tap.wait(ev.UserTurnEnded)
-    assert sorted(e.code for e in errors) == [
-        "malformed",
-        "malformed",
-        "malformed",
-        "malformed",
-        "wrong_subject",
-    ]
+    assert sorted(e.code for e in errors) == ["malformed"] * 6 + ["wrong_subject"]
     assert any("segment 5, which never started" in e.message for e in errors)
+    audio_errors = [e.message for e in errors if "UserAudio" in e.message or "pcm" in e.message]
+    assert any("pcm of 1600 bytes is not 1 to 5 whole 20 ms frames" in m for m in audio_errors), audio_errors
+    assert any("length <= 3200" in m and "$.pcm" in m for m in audio_errors), audio_errors
     assert ended.turn == 1  # the stray stop opened no turn
     assert all(p.alive for p in stack.processes)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import soxr
 
-from proto.events import FRAME_MS, USER_RATE, UserAudioFrame
+from proto.events import FRAME_MS, USER_RATE, UserAudio
 
 logger = logging.getLogger("voicebus.egress")
 
@@ -195,31 +195,32 @@ class Recording:
         """The caller's audio up to stream sequence ``seq`` is in the file already."""
         self.caller_seq = self._last_seq = seq
 
-    def caller(self, frame: UserAudioFrame, seq: int) -> bool:
-        """Place a caller frame where it was heard; False if its timestamp is from the future.
+    def caller(self, audio: UserAudio, seq: int) -> bool:
+        """Place caller frames where they were heard; False if their timestamp is from the future.
 
         Frames follow each other in stream order from an anchor: the time the run's first frame
         reached the ingress. A gap in the indices or a source drifting from its timestamps starts a
-        new run.
+        new run. An event is stamped when its last frame went out: its first frame was heard the
+        audio before that earlier.
         """
-        heard_s = self.clock.of_wall(frame.ts)
+        heard_s = self.clock.of_wall(audio.ts) - (audio.frames - 1) * FRAME_MS / 1000
         if heard_s > self.clock.of_wall(time.time_ns()) + FUTURE_S * self.clock.speed:
             return False
         heard = round(heard_s * self.rate)
         start, index0 = self._run
-        expected = start + (frame.index - index0) * self._frame
+        expected = start + (audio.index - index0) * self._frame
         if (
             self._resampler is None
-            or frame.index != self._next_index
+            or audio.index != self._next_index
             or abs(heard - expected) > REANCHOR_S * self.rate
         ):
             self._finish_run()
             self._resampler = soxr.ResampleStream(USER_RATE, self.rate, 1, dtype="int16")
-            self._run, self._pos = (heard, frame.index), heard
-        out = self._resampler.resample_chunk(np.frombuffer(frame.pcm, dtype="<i2"))
+            self._run, self._pos = (heard, audio.index), heard
+        out = self._resampler.resample_chunk(np.frombuffer(audio.pcm, dtype="<i2"))
         self.track.place(self.CALLER, self._pos, out)
         self._pos += len(out)
-        self._next_index, self.caller_seq, self._last_seq = frame.index + 1, self._last_seq, seq
+        self._next_index, self.caller_seq, self._last_seq = audio.index + audio.frames, self._last_seq, seq
         return True
 
     def agent(self, pcm: bytes, at_s: float) -> None:

@@ -175,11 +175,11 @@ class EgressWorker(SessionWorker[EgressState]):
                 self._stopped(self.timeline.end(event, now, seq=delivery.stream_seq))
                 self.playout.wake()
                 self._update_quiet()
-            case ev.UserAudioFrame() if self.recording is not None:
+            case ev.UserAudio() if self.recording is not None:
                 placed = self.recording.caller(event, delivery.stream_seq)
                 if not placed and not self._bad_caller_ts:
                     self._bad_caller_ts = True
-                    message = f"caller frame {event.index} is stamped in the future: not recorded"
+                    message = f"caller frames from {event.index} are stamped in the future: not recorded"
                     await self.ctx.report("malformed", message)
                 self._dirty = True
         if delivery.subject.endswith(sj.AUDIO_IN.name):

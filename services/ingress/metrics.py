@@ -12,6 +12,6 @@ vad_inference = Histogram(
 )
 frame_delay = Histogram(
     "vb_ingress_frame_delay_seconds",
-    "From caller audio reaching the ingress to its frame being published (VAD included)",
+    "From caller audio reaching the ingress to its frame being published (VAD and batching included)",
     buckets=FAST_BUCKETS,
 )

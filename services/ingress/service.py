@@ -1,9 +1,10 @@
 """The ingress stage: a session's caller audio in, 16 kHz 20 ms frames and the VAD's speech events out.
 
 Per session, a ``CallerSource`` (bus or file, by ``spec.source``) delivers audio to a ``CallerStream``,
-which frames it, runs the VAD and publishes. The worker checkpoints the stream at every speech start
-and stop and about once a second, so a replica that takes the session over continues the frame index,
-the VAD state and the file position instead of starting the caller's stream again.
+which frames it, runs the VAD and publishes the frames a few at a time. The worker checkpoints the
+stream at every speech start and stop and about once a second, so a replica that takes the session
+over continues the frame index, the VAD state and the file position instead of starting the caller's
+stream again.
 """
 
 from __future__ import annotations
@@ -76,12 +77,17 @@ class IngressWorker(service.SessionWorker[IngressState]):
             await self.source.on_media(event)
 
     async def close(self, handover: bool) -> None:
-        """Stop the source; on handover, save where the stream is."""
+        """Stop the source; on handover, save where the stream is; else send the last frames held."""
         self.limits.stop()
         if self.source is not None:
             await self.source.close()
         if handover:
             await self._checkpoint()
+            return
+        try:
+            await self.stream.flush()  # the end of the caller's track in the call recording
+        except Exception:  # the call is over either way
+            logger.warning("the caller's last frames could not be sent", exc_info=True)
 
     async def _start_source(self, position: SourcePosition) -> None:
         if self.source is None or self._started:
@@ -96,11 +102,11 @@ class IngressWorker(service.SessionWorker[IngressState]):
 
     async def _checkpoint(self) -> None:
         """Save the stream and the source position (a failed save is retried at the next interval)."""
-        state = self.stream.save()
-        if self.source is not None:
-            state.source = self.source.position
         self._checkpointed = time.monotonic()
         try:
+            state = await self.stream.save()
+            if self.source is not None:
+                state.source = self.source.position
             await self.ctx.checkpoint(state)
         except Exception:  # the bus is down: frames cannot go out either; the next save catches up
             logger.warning("checkpoint of the caller stream failed", exc_info=True)

@@ -1,9 +1,10 @@
 """One session's caller stream: 16 kHz samples in; numbered frames, VAD probabilities and speech events out.
 
-Each frame is published as soon as it is whole; a frame that completes a VAD window waits only for
-that window's inference (a fraction of a millisecond) so that it carries its probability, and a speech
-start or stop it triggers follows it at once, in-band on ``audio.in`` (STT reads segments from the
-frames in order) and on ``speech`` (egress and dialogue react without taking the audio).
+Frames go out in ``UserAudio`` events of up to ``USER_AUDIO_MAX_FRAMES`` (one message per 100 ms
+instead of one per 20 ms). A frame that completes a VAD window waits only for that window's inference
+(a fraction of a millisecond) so that it carries its probability. A speech start or stop is never held
+back: the frames held so far go out first, then the event, in-band on ``audio.in`` (STT reads segments
+from the frames in order) and on ``speech`` (egress and dialogue react without taking the audio).
 """
 
 from __future__ import annotations
@@ -47,11 +48,17 @@ class CallerStream:
             state=state.speech,
         )
         self._frames_in = metrics.frames_in.labels(ctx.spec.source)
+        #: Frames numbered but not yet published: (pcm, speech probability, arrival time).
+        self._held: list[tuple[bytes, float, int]] = []
         #: Set when a speech start or stop was published since the last ``save``.
         self.at_boundary = False
 
     async def push(self, samples: Samples, arrived_ns: int, *, last: bool = False) -> None:
-        """Publish the frames ``samples`` complete (all of them, padded, when the stream ``last`` ends)."""
+        """Number the frames ``samples`` complete (all of them, padded, when the stream ``last`` ends).
+
+        They are published when ``USER_AUDIO_MAX_FRAMES`` are held, before a speech start or stop they
+        trigger, and at the end of the stream.
+        """
         for pcm in self._framer.push(samples, pad=last):
             prob = await self._vad.push(pcm)
             # the state moves on in one step before publishing, so a save always sees it consistent
@@ -63,14 +70,31 @@ class CallerStream:
                     self.segmenter.speech_window
                 ):  # this frame ends a speech window: as late as speech is known
                     self.speech_end_ts = arrived_ns
-            frame = ev.UserAudioFrame(
-                session=self.ctx.session, index=index, pcm=pcm.tobytes(), speech_prob=prob or 0.0
-            )
-            await self.ctx.publish(sj.AUDIO_IN, frame)
-            self._frames_in.inc()
-            metrics.frame_delay.observe((time.time_ns() - arrived_ns) / 1e9)
+            self._held.append((pcm.tobytes(), prob or 0.0, arrived_ns))
             if change is not None:
+                await self.flush()
                 await self._announce(change, index)
+            elif len(self._held) == ev.USER_AUDIO_MAX_FRAMES:
+                await self.flush()
+        if last:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Publish the frames held, as one UserAudio."""
+        if not self._held:
+            return
+        held, self._held = self._held, []
+        audio = ev.UserAudio(
+            session=self.ctx.session,
+            index=self.next_frame - len(held),
+            pcm=b"".join(pcm for pcm, _, _ in held),
+            speech_probs=tuple(prob for _, prob, _ in held),
+        )
+        await self.ctx.publish(sj.AUDIO_IN, audio)
+        self._frames_in.inc(len(held))
+        now = time.time_ns()
+        for _, _, arrived_ns in held:
+            metrics.frame_delay.observe((now - arrived_ns) / 1e9)
 
     async def _announce(self, change: Started | Stopped, at_frame: int) -> None:
         session = self.ctx.session
@@ -93,8 +117,12 @@ class CallerStream:
         await self.ctx.publish(sj.SPEECH, event)
         self.at_boundary = True
 
-    def save(self) -> IngressState:
-        """The stream's state as of the last frame published."""
+    async def save(self) -> IngressState:
+        """Publish the frames held, and return the stream's state as of the last frame published.
+
+        A successor starts at ``next_frame``: every frame before it is on the bus, none after it.
+        """
+        await self.flush()
         vad_state, vad_pcm = self._vad.save()
         self.at_boundary = False
         return IngressState(

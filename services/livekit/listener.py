@@ -3,7 +3,7 @@
 The listener joins the session's room unseen (its token is hidden and subscribe-only), takes the
 caller's microphone track when it is subscribed (the named participant's, or the first person's), and
 reads it through ``rtc.AudioStream`` at 16 kHz mono in 20 ms frames: the SDK decodes, downmixes and
-resamples, so each frame is one ``UserAudioFrame`` as it arrives. The call ends when the caller
+resamples, so each frame reaches the ingress as it arrives. The call ends when the caller
 leaves, when the room ends, or when no caller shows up within ``VB_LIVEKIT_CALLER_TIMEOUT``.
 """
 

@@ -100,18 +100,23 @@ class SttWorker(SessionWorker[SttState]):
         """Frames go to the engine; the VAD's events open, continue and close segments of turns."""
         assert self._stream is not None
         match event:
-            case ev.UserAudioFrame(index=index, pcm=pcm):
-                if index <= self._last_frame:
-                    duplicates.labels("frame").inc()
-                    return
-                self._last_frame = index
-                if self._first_frame_ms is None:
-                    self._first_frame_ms = event.audio_ms
-                await self._stream.push(pcm)
+            case ev.UserAudio():
+                for index, pcm in event.each_frame():
+                    await self._push_frame(index, pcm, self._stream)
             case ev.SpeechStarted():
                 await self._speech_started(event, self._stream)
             case ev.SpeechStopped():
                 await self._speech_stopped(event, self._stream)
+
+    async def _push_frame(self, index: int, pcm: bytes, stream: SttStream) -> None:
+        """One 20 ms frame to the engine, unless it was handled before (re-published by a successor)."""
+        if index <= self._last_frame:
+            duplicates.labels("frame").inc()
+            return
+        self._last_frame = index
+        if self._first_frame_ms is None:
+            self._first_frame_ms = index * ev.FRAME_MS
+        await stream.push(pcm)
 
     async def _speech_started(self, event: ev.SpeechStarted, stream: SttStream) -> None:
         if event.segment <= self._last_started:

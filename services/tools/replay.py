@@ -19,9 +19,12 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
+
 from proto import codec
 from proto import events as ev
-from proto.recording import Recording
+from proto import subjects as sj
+from proto.recording import RecordedCallerAudio, Recording
 from services.runtime.bus import Bus
 
 #: Turn boundaries may move this much (VAD windows, endpointing) before they count as different.
@@ -69,10 +72,23 @@ def load(path: str | Path) -> Recording:
     return codec.decode_record(Recording, data)
 
 
+def _channel(subject: str) -> sj.Channel | None:
+    try:
+        return sj.parse(subject)[1]
+    except KeyError:
+        return None
+
+
 def events_of(recording: Recording) -> list[ev.Event]:
-    """The recording's events decoded on their subjects; refused ones are skipped."""
+    """The recording's conversation events decoded on their subjects; refused ones are skipped.
+
+    Media is left out: its event types change with the audio format (see ``caller_frames``).
+    """
     out = []
     for m in recording.messages:
+        channel = _channel(m.subject)
+        if channel is None or channel.is_media:
+            continue
         try:
             out.append(codec.decode(m.subject, m.data))
         except codec.ContractError:
@@ -80,12 +96,30 @@ def events_of(recording: Recording) -> list[ev.Event]:
     return out
 
 
-def caller_frames(events: list[ev.Event]) -> list[bytes]:
-    """The caller's audio as 20 ms frames from stream start, gaps filled with silence."""
-    frames = {e.index: e.pcm for e in events if isinstance(e, ev.UserAudioFrame)}
+_caller_audio = msgspec.msgpack.Decoder(RecordedCallerAudio)
+
+
+def caller_frames(recording: Recording) -> list[bytes]:
+    """The caller's audio on ``audio.in`` as 20 ms frames from stream start, gaps filled with silence.
+
+    Reads old recordings (a UserAudioFrame per frame) and new ones (UserAudio of several) alike.
+    """
+    frames: dict[int, bytes] = {}
+    size = ev.USER_FRAME_BYTES
+    for m in recording.messages:
+        if _channel(m.subject) is not sj.AUDIO_IN:
+            continue
+        try:
+            audio = _caller_audio.decode(m.data)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            continue  # the VAD's events, or a payload not worth replaying
+        if not audio.pcm or len(audio.pcm) % size:
+            continue
+        for k in range(len(audio.pcm) // size):
+            frames[audio.index + k] = audio.pcm[k * size : (k + 1) * size]
     if not frames:
         return []
-    silence = b"\0" * 640
+    silence = b"\0" * size
     return [frames.get(i, silence) for i in range(max(frames) + 1)]
 
 
@@ -135,7 +169,7 @@ async def replay(bus: Bus, recording: Recording, *, speed: float = 1.0, settle_s
     from services.tools.caller import VirtualCaller
 
     recorded_events = events_of(recording)
-    frames = caller_frames(recorded_events)
+    frames = caller_frames(recording)
     original = next((e.spec for e in recorded_events if isinstance(e, ev.SessionStarted)), None)
     agent = original.agent if original else ev.AgentSpec()
     spec = ev.SessionSpec(

@@ -1,6 +1,7 @@
-"""The bus hop budget: one 20 ms frame (640 bytes of PCM) from publish in one process to decoded in
-another, as a stage receives it (JetStream ordered consumer on the recorded stream), and for
-comparison over a plain core-NATS subscription; plus how many frames a second one process sustains.
+"""The bus hop budget: one message (a UserAudio of one 20 ms frame, 640 bytes of PCM) from publish in
+one process to decoded in another, as a stage receives it (JetStream ordered consumer on the recorded
+stream), and for comparison over a plain core-NATS subscription; plus how many messages a second one
+process sustains (the ingress sends up to 5 frames per message).
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ async def _publish(url: str, session: str, count: int, interval: float) -> float
     bus = await Bus.connect(_config(url), "ingress", "bench-pub")
     t0 = time.perf_counter()
     for i in range(count):
-        await bus.publish(sj.AUDIO_IN, ev.UserAudioFrame(session=session, index=i, pcm=b"\x01\x00" * 320))
+        frame = ev.UserAudio(session=session, index=i, pcm=b"\x01\x00" * 320, speech_probs=(0.0,))
+        await bus.publish(sj.AUDIO_IN, frame)
         if interval:
             await asyncio.sleep(max(0.0, t0 + (i + 1) * interval - time.perf_counter()))
     await bus.nc.flush()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from nats.aio.msg import Msg
@@ -17,6 +18,27 @@ from services.runtime.bus import Bus
 
 E = TypeVar("E", bound=ev.Event)
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class CallerFrame:
+    """One 20 ms frame of a UserAudio, with its VAD probability and the event's seq and ts."""
+
+    index: int
+    pcm: bytes
+    speech_prob: float
+    seq: int
+    ts: int
+
+
+def caller_frames(events: Iterable[ev.Event]) -> list[CallerFrame]:
+    """The frames of the UserAudio events among ``events``, one by one, in event order."""
+    return [
+        CallerFrame(index, pcm, prob, audio.seq, audio.ts)
+        for audio in events
+        if isinstance(audio, ev.UserAudio)
+        for (index, pcm), prob in zip(audio.each_frame(), audio.speech_probs, strict=True)
+    ]
 
 
 class Tap:
@@ -58,6 +80,10 @@ class Tap:
         """The 20 ms frames the TTS sent on ``audio.out`` so far (its ``AgentAudio`` events split)."""
         return [f for a in self.of(ev.AgentAudio) for f in a.split() if where(f)]
 
+    def frames(self, where: Callable[[CallerFrame], bool] = lambda _: True) -> list[CallerFrame]:
+        """Caller frames seen so far (UserAudio events taken apart) that satisfy ``where``."""
+        return [f for f in caller_frames(e for _, e, _ in self.events) if where(f)]
+
     async def wait(
         self,
         kind: type[E],
@@ -76,6 +102,15 @@ class Tap:
     ) -> list[ev.AgentAudioFrame]:
         """Wait until the TTS has sent ``count`` frames satisfying ``where``; return them."""
         return await self._wait(lambda: self.agent_frames(where), count, timeout, "agent frames")
+
+    async def wait_frames(
+        self,
+        where: Callable[[CallerFrame], bool] = lambda _: True,
+        count: int = 1,
+        timeout: float = 10.0,
+    ) -> list[CallerFrame]:
+        """Wait until ``count`` caller frames satisfying ``where`` have arrived; return them."""
+        return await self._wait(lambda: self.frames(where), count, timeout, "caller frames")
 
     async def _wait(self, seen: Callable[[], list[T]], count: int, timeout: float, what: str) -> list[T]:
         async def enough() -> list[T]:
