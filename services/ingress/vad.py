@@ -4,16 +4,19 @@ The model ships inside faster-whisper (``assets/silero_vad_v6.onnx``): it takes 
 16 kHz plus the 64 samples before them, and an LSTM state as ``h`` and ``c`` (1, 1, 128 each), and
 returns the window's speech probability. Inference runs on one dedicated thread (onnxruntime releases
 the GIL), so the event loop never waits on it and sessions share the model without contention. The
-windows that sessions hand in while the thread is busy go over to it together: with many calls, one
-thread hop serves many windows instead of each paying its own.
+thread takes every window waiting when it wakes and hands the results back to the loop in one call:
+with many calls, one wake-up serves many windows (an executor future per window cost as much CPU as a
+third of the inference itself).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.resources
+import queue
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,7 @@ STATE_SHAPE = (1, 1, 128)
 INPUTS = {"input", "h", "c"}
 Floats = npt.NDArray[np.float32]
 Result = tuple[float, Floats, Floats]
+Request = tuple[Floats, Floats, Floats, asyncio.Future[Result]]
 
 
 class VadModelError(RuntimeError):
@@ -57,11 +61,10 @@ class SileroVad:
         names = {i.name for i in self._session.get_inputs()}
         if names != INPUTS:
             raise VadModelError(f"{path}: inputs {sorted(names)}, expected {sorted(INPUTS)} (Silero v6)")
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vad")
-        self._waiting: list[tuple[Floats, Floats, Floats, asyncio.Future[Result]]] = []
-        self._runner: asyncio.Task[None] | None = None
         zeros = np.zeros(STATE_SHAPE, np.float32)
         self.infer(np.zeros((1, CONTEXT_SAMPLES + WINDOW_SAMPLES), np.float32), zeros, zeros)  # warm up
+        self._requests: queue.SimpleQueue[Request] = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="vad", daemon=True).start()
 
     @classmethod
     def load(cls, path: str = "") -> SileroVad:
@@ -76,44 +79,38 @@ class SileroVad:
         return float(np.clip(prob.reshape(-1)[0], 0.0, 1.0)), h, c
 
     async def infer_async(self, x: Floats, h: Floats, c: Floats) -> Result:
-        """``infer`` on the model's thread, together with the windows other sessions are waiting on."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[Result] = loop.create_future()
-        if self._runner is None or self._runner.done() or self._runner.get_loop() is not loop:
-            self._waiting = [w for w in self._waiting if w[3].get_loop() is loop]
-            self._runner = loop.create_task(self._run_waiting(), name="vad")
-        self._waiting.append((x, h, c, done))
+        """``infer`` on the model's thread."""
+        done: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._requests.put((x, h, c, done))
         return await done
 
-    async def _run_waiting(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._waiting:
-            batch, self._waiting = self._waiting, []
-            try:
-                results = await loop.run_in_executor(self._executor, self._infer_each, batch)
-            except asyncio.CancelledError:  # the process is stopping: so are the sessions waiting
-                for *_, done in batch:
-                    done.cancel()
-                raise
-            for (*_, done), result in zip(batch, results, strict=True):
-                if done.done():  # its session stopped waiting (cancelled)
-                    continue
-                if isinstance(result, BaseException):
-                    done.set_exception(result)
-                else:
-                    done.set_result(result)
+    def _serve(self) -> None:
+        """The model's thread: run every window waiting, then answer each loop once for all of them."""
+        while True:
+            batch = [self._requests.get()]
+            while not self._requests.empty():
+                batch.append(self._requests.get_nowait())
+            answers: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Result], Result | Exception]]]
+            answers = {}
+            for x, h, c, done in batch:
+                try:
+                    result: Result | Exception = self.infer(x, h, c)
+                except Exception as e:  # onnxruntime's errors are untyped; only this window's session fails
+                    result = e
+                answers.setdefault(done.get_loop(), []).append((done, result))
+            for loop, results in answers.items():
+                with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits there
+                    loop.call_soon_threadsafe(_answer, results)
 
-    def _infer_each(
-        self, batch: list[tuple[Floats, Floats, Floats, asyncio.Future[Result]]]
-    ) -> list[Result | Exception]:
-        """Each window through the model on the model's thread; a failing one fails only its session."""
-        results: list[Result | Exception] = []
-        for x, h, c, _ in batch:
-            try:
-                results.append(self.infer(x, h, c))
-            except Exception as e:  # onnxruntime's errors are untyped
-                results.append(e)
-        return results
+
+def _answer(results: list[tuple[asyncio.Future[Result], Result | Exception]]) -> None:
+    for done, result in results:
+        if done.done():  # its session stopped waiting (cancelled)
+            continue
+        if isinstance(result, Exception):
+            done.set_exception(result)
+        else:
+            done.set_result(result)
 
 
 class VadStream:
