@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -45,11 +46,28 @@ def wait_port(port: int, timeout_s: float = 10.0) -> None:
     raise TimeoutError(f"nothing listens on port {port}")
 
 
+#: Ports this process handed out: two processes of one stack must never be given the same one.
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port nothing listens on now, below the kernel's ephemeral range (32768 and up).
+
+    A port from the ephemeral range can be taken by any process's outgoing connection (a stage's
+    NATS connection) between this check and the bind of the process it is meant for.
+    """
+    for _ in range(1000):
+        port = random.randrange(20_000, 32_000)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free TCP port between 20000 and 32000")
 
 
 class NatsServer:
@@ -181,7 +199,7 @@ class Stack:
         """Block until every process answers /readyz, or raise with the log tail of the one that did not."""
         deadline = time.monotonic() + timeout_s
         for p in processes:
-            while not p.ready():
+            while not (p.ready() and p.alive):  # a dead one's port may be answered by another process
                 if not p.alive or time.monotonic() > deadline:
                     tail = p.log_path.read_text(errors="replace")[-3000:]
                     raise RuntimeError(f"{p.replica} not ready (exit {p.proc.poll()}):\n{tail}")
