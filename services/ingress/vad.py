@@ -33,6 +33,7 @@ INPUTS = {"input", "h", "c"}
 Floats = npt.NDArray[np.float32]
 Result = tuple[float, Floats, Floats]
 Request = tuple[Floats, Floats, Floats, asyncio.Future[Result]]
+Answer = tuple[asyncio.Future[Result], Result | Exception]
 
 
 class VadModelError(RuntimeError):
@@ -90,8 +91,7 @@ class SileroVad:
             batch = [self._requests.get()]
             while not self._requests.empty():
                 batch.append(self._requests.get_nowait())
-            answers: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Result], Result | Exception]]]
-            answers = {}
+            answers: dict[asyncio.AbstractEventLoop, list[Answer]] = {}
             for x, h, c, done in batch:
                 try:
                     result: Result | Exception = self.infer(x, h, c)
@@ -103,7 +103,7 @@ class SileroVad:
                     loop.call_soon_threadsafe(_answer, results)
 
 
-def _answer(results: list[tuple[asyncio.Future[Result], Result | Exception]]) -> None:
+def _answer(results: list[Answer]) -> None:
     for done, result in results:
         if done.done():  # its session stopped waiting (cancelled)
             continue
