@@ -11,6 +11,7 @@ import asyncio
 import fractions
 import time
 import wave
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +54,7 @@ def dominant_hz(pcm: npt.NDArray[np.int16], rate: int) -> float:
 
 
 class CallerTrack(MediaStreamTrack):
-    """The caller's microphone, paced in real time from ``t0`` (the moment the caller joined).
+    """The caller's microphone, paced in real time from ``t0`` (``start()``, asked at the first frame).
 
     Every subscriber gets its own track on the same clock, so sample ``n`` leaves every one of them at
     ``t0 + n / RATE``: a WAV (then silence), or a tone at ``hz``, continuous or in bursts of
@@ -64,9 +65,12 @@ class CallerTrack(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self, t0: float, *, hz: float, wav: str = "", burst_ms: int = 0, period_ms: int = 0) -> None:
+    def __init__(
+        self, start: Callable[[], float], *, hz: float, wav: str = "", burst_ms: int = 0, period_ms: int = 0
+    ) -> None:
         super().__init__()
-        self.t0, self.hz = t0, hz
+        self.start, self.hz = start, hz
+        self.t0: float | None = None
         self.samples = read_wav(wav) if wav else None
         self.burst, self.period = burst_ms * RATE // 1000, period_ms * RATE // 1000
         self.sent = 0
@@ -84,6 +88,8 @@ class CallerTrack(MediaStreamTrack):
     async def recv(self) -> AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
+        if self.t0 is None:
+            self.t0 = self.start()
         behind = time.time() - (self.t0 + self.sent / RATE)
         if behind > FRAME / RATE:  # a live microphone does not wait for the connection: that audio is gone
             self.sent += int(behind * RATE) // FRAME * FRAME

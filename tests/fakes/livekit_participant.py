@@ -57,8 +57,10 @@ class Caller:
     period_ms: int = 0
     sid: str = field(default_factory=lambda: new_sid("PA"))
     track_sid: str = field(default_factory=lambda: new_sid("TR"))
-    #: Wall-clock time (s) of the microphone's first sample; set when the caller joins.
+    #: Wall-clock time (s) of the microphone's first sample; set when the caller joins, and for a
+    #: caller with words again when the first subscriber listens (``microphone_start``).
     t0: float = 0.0
+    heard: bool = False
 
     def info(self, state: int = models.ParticipantInfo.ACTIVE) -> models.ParticipantInfo:
         track = models.TrackInfo(
@@ -83,8 +85,16 @@ class Caller:
 
     def track(self) -> CallerTrack:
         return CallerTrack(
-            self.t0, hz=self.hz, wav=self.wav, burst_ms=self.burst_ms, period_ms=self.period_ms
+            self.microphone_start, hz=self.hz, wav=self.wav, burst_ms=self.burst_ms, period_ms=self.period_ms
         )
+
+    def microphone_start(self) -> float:
+        """When sample 0 leaves the microphone: a tone runs from the join; a caller with words (``wav``)
+        starts them when the first subscriber listens, as a person starts talking once the line is
+        open (a subscriber slow to connect under load would otherwise miss them)."""
+        if self.wav and not self.heard:
+            self.t0, self.heard = time.time(), True
+        return self.t0
 
 
 @dataclass
