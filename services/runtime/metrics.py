@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Generic, TypeVar
+
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
+
+M = TypeVar("M", bound=MetricWrapperBase)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
 
@@ -23,3 +28,20 @@ turn_phase = Histogram(
     ["stage", "phase"],
     buckets=LATENCY_BUCKETS,
 )
+
+
+class Children(dict[str, M], Generic[M]):
+    """One stage's children of a metric labelled (stage, x), by x, looked up once.
+
+    ``labels()`` takes a lock and builds a key on every call: measurable on paths taken for every
+    audio frame.
+    """
+
+    def __init__(self, metric: M, stage: str) -> None:
+        super().__init__()
+        self.metric, self.stage = metric, stage
+
+    def __missing__(self, key: str) -> M:
+        child: M = self.metric.labels(self.stage, key)
+        self[key] = child
+        return child
