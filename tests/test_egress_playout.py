@@ -4,13 +4,14 @@ virtual clock, de-duplication, reply order, generations, cuts, pause/resume and 
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from collections.abc import Callable
 
 import pytest
 
 from proto import events as ev
-from services.egress.playout import Play, Playout, Stop, Timeline, Wait
+from services.egress.playout import MonotonicClock, Play, Playout, Stop, Timeline, Wait
 
 RATE = 24000
 FRAME_S = 0.02
@@ -337,3 +338,26 @@ def test_words_spread_over_several_frames_of_a_chunk_all_count_once() -> None:
     _, stops = drive(tl)
     (stop,) = stops
     assert stop.reply.heard_text(True) == "a b c d e"
+
+
+async def test_waits_for_due_frames_end_on_the_pacing_grid_never_before_they_are_due() -> None:
+    tick = 0.05
+    clock = MonotonicClock(tick)
+    grid = math.ceil(clock.now() / tick) * tick + tick  # a grid point ahead
+    loop = asyncio.get_running_loop()
+
+    async def woken(until: float) -> tuple[float, bool]:
+        wake = asyncio.Event()
+        await clock.wait(wake, until)
+        return loop.time(), wake.is_set()
+
+    # two sessions' frames due 11 and 37 ms after a grid point both go out at the next one
+    (first, set_first), (second, set_second) = await asyncio.gather(woken(grid + 0.011), woken(grid + 0.037))
+    assert first >= grid + tick and second >= grid + tick
+    assert set_first and set_second  # the timer sets the wake event: the pacing task steps again
+
+    # something that changes (a frame arrives, a cut) still wakes the wait at once
+    wake = asyncio.Event()
+    loop.call_soon(wake.set)
+    await clock.wait(wake, clock.now() + 10.0)
+    assert wake.is_set()

@@ -321,7 +321,19 @@ class Clock(Protocol):
 
 
 class MonotonicClock:
-    """The real clock: the event loop's own (monotonic) time, waits without a task per wait."""
+    """The real clock: the event loop's own (monotonic) time, with waits that end on a shared grid.
+
+    A wait for a due frame ends at the next multiple of ``tick_s`` of the loop's clock, so every session
+    of the replica whose frame falls in the same tick is woken by one timer run and their frames leave
+    in one socket write (instead of one wake-up and one write per session and frame). Each frame is
+    then handed out up to a tick late, always by the same amount within a reply (the schedule stays
+    absolute), and a frame that is due when it arrives (a reply's first) does not wait for the grid.
+    A wait that reaches its end sets ``wake`` from a timer: a timeout would end most waits by throwing
+    a cancellation into the pacing task.
+    """
+
+    def __init__(self, tick_s: float = 0.0) -> None:
+        self.tick_s = tick_s
 
     def now(self) -> float:
         return time.monotonic()
@@ -330,11 +342,15 @@ class MonotonicClock:
         if until is None:
             await wake.wait()
             return
+        loop = asyncio.get_running_loop()
+        at = loop.time() + until - time.monotonic()
+        if self.tick_s > 0:
+            at = math.ceil(at / self.tick_s) * self.tick_s
+        timer = loop.call_at(at, wake.set)
         try:
-            async with asyncio.timeout_at(asyncio.get_running_loop().time() + until - time.monotonic()):
-                await wake.wait()
-        except TimeoutError:
-            pass
+            await wake.wait()
+        finally:
+            timer.cancel()
 
 
 class Playout:

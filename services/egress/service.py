@@ -77,7 +77,7 @@ class EgressWorker(SessionWorker[EgressState]):
         self.cfg = cfg
         self.media = (sj.AUDIO_OUT, sj.AUDIO_IN) if spec.recording_path else (sj.AUDIO_OUT,)
         self.time = SessionTime(spec.opened_ts, spec.speed)
-        self.clock = MonotonicClock()
+        self.clock = MonotonicClock(cfg.pacing_tick_ms / 1000 / spec.speed)
         self.timeline = Timeline(
             FRAME_MS / 1000 / spec.speed,
             max_late_s=cfg.max_late_ms / 1000 / spec.speed,
