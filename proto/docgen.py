@@ -61,7 +61,7 @@ def build() -> dict[str, Any]:
                 "consumers": list(c.consumers),
                 "recorded": c.recorded,
                 "max_bytes": c.max_bytes,
-                "delivery": "fire-and-forget" if c.is_media else "acked by the events stream",
+                "delivery": "acked by the events stream" if c.acked and not c.is_media else "fire-and-forget",
             },
         }
         operations[f"publish_{key}"] = {

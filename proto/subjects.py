@@ -1,13 +1,16 @@
 """The subject catalogue: every NATS subject, KV bucket and stream the system uses, and who may use it.
 
-Per-session subjects come in two shapes, and the shape is what lets a stage follow a session with
-few consumers on nats-server 2.9 (one filter subject per consumer):
+Per-session subjects come in two shapes:
 
 - ``vb.<session>.<channel>``: conversation events (speech, transcripts, turns, replies, playout,
-  control, timing, errors). Low rate. A stage follows all of them, in stream order, with one
-  consumer on ``vb.<session>.*``.
+  control, timing, errors). Low rate. A stage follows the channels it consumes, in stream order, with
+  one consumer filtered on their subjects (``feed``); the edge follows all of them on
+  ``vb.<session>.*``.
 - ``vb.<session>.audio.in|out`` and ``vb.<session>.media.in|out``: audio, 50 frames a second. A stage
   consumes only the audio subject it needs.
+
+Most events are stored before their publisher goes on (it waits for the stream's ack); timing marks,
+telemetry for the edge that nothing in the conversation waits on, are sent without waiting, like audio.
 
 VAD events are published twice: in-band on ``audio.in`` (STT needs them ordered with the frames) and on
 ``speech`` (egress and dialogue react to them without taking the audio).
@@ -45,6 +48,8 @@ class Channel:
     consumers: tuple[str, ...]
     description: str
     recorded: bool = True
+    #: Whether a publisher waits for the stream to have stored the event (media never does).
+    acked: bool = True
     max_bytes: int = 128 * 1024
 
     def subject(self, session: str) -> str:
@@ -105,22 +110,25 @@ SPEECH = Channel(
     "speech",
     (ev.SpeechStarted, ev.SpeechStopped),
     producers=("ingress",),
-    consumers=("egress", "dialogue"),
-    description="Voice activity of the caller: egress pauses on it, dialogue decides barge-ins.",
+    consumers=("egress", "dialogue", "ingress"),
+    description="Voice activity of the caller: egress pauses on it, dialogue decides barge-ins, the "
+    "ingress counts it as activity (the call's inactivity limit).",
 )
 TRANSCRIPT = Channel(
     "transcript",
     (ev.Transcript,),
     producers=("stt",),
-    consumers=("dialogue",),
-    description="Partial and final transcripts of the caller's speech segments.",
+    consumers=("dialogue", "egress"),
+    description="Partial and final transcripts of the caller's speech segments (the egress captions "
+    "them in a LiveKit room).",
 )
 TURN = Channel(
     "turn",
     (ev.UserTurnEnded,),
     producers=("stt",),
-    consumers=("dialogue", "ingress"),
-    description="End of the caller's turn, with the whole turn's text.",
+    consumers=("dialogue", "ingress", "egress"),
+    description="End of the caller's turn, with the whole turn's text (in a LiveKit room the egress "
+    "shows the agent thinking).",
 )
 REPLY = Channel(
     "reply",
@@ -133,8 +141,10 @@ PLAYOUT = Channel(
     "playout",
     (ev.PlayoutStarted, ev.PlayoutPaused, ev.PlayoutResumed, ev.PlayoutStopped),
     producers=("egress",),
-    consumers=("dialogue",),
-    description="What the caller actually heard of each reply, and when.",
+    consumers=("dialogue", "ingress", "egress"),
+    description="What the caller actually heard of each reply, and when (the ingress counts it as "
+    "activity, and a WebRTC source opens its echo guard on it; in a LiveKit room the egress shows the "
+    "agent's state and closes its captions by it).",
 )
 CONTROL = Channel(
     "control",
@@ -150,6 +160,7 @@ TIMING = Channel(
     consumers=(EDGE,),
     description="Points on each turn's timeline (per-turn latency table, benchmark phase split) and "
     "what each turn's providers billed.",
+    acked=False,
 )
 ERROR = Channel(
     "error",
@@ -179,6 +190,11 @@ BY_NAME: dict[str, Channel] = {c.name: c for c in CHANNELS}
 def conversation(session: str) -> str:
     """All conversation channels of a session (one consumer, stream order)."""
     return f"{PREFIX}.{session}.*"
+
+
+def feed(session: str, stage: str) -> list[str]:
+    """The conversation subjects of a session that ``stage`` consumes (one filtered consumer)."""
+    return [c.subject(session) for c in CHANNELS if not c.is_media and stage in c.consumers]
 
 
 def session_all(session: str) -> str:

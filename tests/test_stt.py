@@ -252,7 +252,7 @@ async def test_bad_input_is_reported_and_the_session_goes_on(stack: Stack, bus: 
         for bad_audio in (short_frame, part_frame, six_frames):
             await bus.nc.publish(sj.AUDIO_IN.subject(session_id), bad_audio)
         await bus.nc.publish(sj.AUDIO_IN.subject(session_id), codec.encode(wrong_type))
-        await bus.nc.publish(sj.TRANSCRIPT.subject(session_id), b"\xc1 not msgpack")
+        await bus.nc.publish(sj.CONTROL.subject(session_id), b"\xc1 not msgpack")
         stray = ev.SpeechStopped(
             session=session_id, segment=5, start_ms=0, end_ms=100, at_frame=0, speech_end_ts=1
         )

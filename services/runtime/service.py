@@ -1,7 +1,8 @@
 """How a stage serves sessions: the per-session worker interface, its context, and the process runner.
 
-A stage implements ``SessionWorker``: one object per session it owns, fed the session's conversation
-events (``on_event``) and the audio of the ``media`` channels it names (``on_media``). The
+A stage implements ``SessionWorker``: one object per session it owns, fed the session's events on the
+conversation channels the contract lists the stage as consuming (``on_event``) and the audio of the
+``media`` channels it names (``on_media``). The
 runtime does the rest, the same way for every stage: claims and takeovers, feeds that resume after
 the last checkpoint, bad-message handling, health, metrics, tracing, and the drain on SIGTERM.
 """
@@ -123,7 +124,7 @@ class SessionWorker(Generic[S]):
         """Called once the feeds are about to start (restore from ``ctx.restored`` here)."""
 
     async def on_event(self, event: ev.Event, delivery: Delivery) -> None:
-        """A conversation event of the session, in stream order."""
+        """An event of a conversation channel this stage consumes (proto/subjects.py), in stream order."""
 
     async def on_media(self, event: ev.Event, delivery: Delivery) -> None:
         """An event of one of the ``media`` channels (``delivery.subject`` says which), in stream order."""
@@ -265,11 +266,11 @@ class StageService:
         metrics.sessions_owned.labels(self.stage).set(len(self.sessions))
         try:
             await worker.start()
-            feeds = [(EVENTS_FEED, sj.conversation(spec.session), hosted.worker.on_event)]
-            feeds += [(c.name, c.subject(spec.session), hosted.worker.on_media) for c in worker.media]
-            for feed, subject, handler in feeds:
+            feeds = [(EVENTS_FEED, sj.feed(spec.session, self.stage), hosted.worker.on_event)]
+            feeds += [(c.name, [c.subject(spec.session)], hosted.worker.on_media) for c in worker.media]
+            for feed, subjects, handler in feeds:
                 after = ctx.cursors.get(feed, 0)
-                hosted.subs.append(await self.bus.follow(subject, after, self._feed(hosted, feed, handler)))
+                hosted.subs.append(await self.bus.follow(subjects, after, self._feed(hosted, feed, handler)))
         except Exception:
             logger.exception("could not start serving session %s; handing it back", spec.session)
             await self._close(spec.session, handover=False)
