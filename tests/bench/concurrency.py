@@ -33,9 +33,11 @@ from tests.bench.turn import BENCH_ENV, FIXED_MS, UTTERANCE, summarize
 LOADS = (1, 10, 20, 50, 100)
 STAGGER_S = 5.0
 CALL_S = 30.0
-#: Replicas per stage: two of the ingress (the Silero VAD is its largest cost), one of the others: more
-#: processes on two cores cost more CPU in wake-ups than they add in parallelism (measured at N = 30).
-REPLICAS = {"ingress": 2, "stt": 1, "dialogue": 1, "tts": 1, "egress": 1}
+#: Replicas per stage: one each. On two cores more processes cost more CPU than they add in parallelism
+#: (N = 30: 2.8 against 3.3 CPU-s per session-minute with two of the other stages; N = 50: 1.73 against
+#: 1.90 and overhead p95 85 against 144 ms with one ingress instead of two, whose VAD thread then
+#: serves more windows per wake-up).
+REPLICAS = {"ingress": 1, "stt": 1, "dialogue": 1, "tts": 1, "egress": 1}
 SESSIONS_PER_DRIVER = 20
 OVERHEAD_P95_TARGET_MS = 150.0
 IDLE_S = 5.0
