@@ -129,6 +129,14 @@ def test_nats_configuration_is_the_generated_one() -> None:
     }
 
 
+def test_nats_runs_as_many_go_threads_as_the_cores_it_requests(objects: list[dict[str, Any]]) -> None:
+    nats = named(objects, "StatefulSet", "nats")
+    (container,) = nats["spec"]["template"]["spec"]["containers"]
+    source = env_of(nats)["GOMAXPROCS"]["valueFrom"]["resourceFieldRef"]
+    assert source["resource"] == "requests.cpu" and str(source["divisor"]) == "1"
+    assert "cpu" in container["resources"]["requests"]  # without a request it would be the node's cores
+
+
 def test_prod_talks_to_nats_over_tls() -> None:
     prod = render("prod")
     (env,) = [c for c in of(prod, "ConfigMap") if c["metadata"]["name"].startswith("voicebus-env")]

@@ -32,7 +32,12 @@ class ContainerNats:
         from testcontainers.core.container import DockerContainer
 
         self.port = free_port()
-        self.container = DockerContainer(IMAGE).with_command("-js -sd /data").with_bind_ports(4222, self.port)
+        self.container = (
+            DockerContainer(IMAGE)
+            .with_command("-js -sd /data")
+            .with_bind_ports(4222, self.port)
+            .with_env("GOMAXPROCS", NatsServer.GO_THREADS)
+        )
 
     @property
     def url(self) -> str:
