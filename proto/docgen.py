@@ -61,7 +61,7 @@ def build() -> dict[str, Any]:
                 "consumers": list(c.consumers),
                 "recorded": c.recorded,
                 "max_bytes": c.max_bytes,
-                "delivery": "acked by the events stream" if c.acked and not c.is_media else "fire-and-forget",
+                "delivery": "acked by the events stream" if c.acked else "fire-and-forget",
             },
         }
         operations[f"publish_{key}"] = {

@@ -48,7 +48,7 @@ class Channel:
     consumers: tuple[str, ...]
     description: str
     recorded: bool = True
-    #: Whether a publisher waits for the stream to have stored the event (media never does).
+    #: Whether a publisher waits for the stream to have stored the event (not for audio or marks).
     acked: bool = True
     max_bytes: int = 128 * 1024
 
@@ -76,6 +76,7 @@ MEDIA_IN = Channel(
     consumers=("ingress",),
     description="Raw caller audio from a media edge (virtual caller, replay, bus-attached gateway).",
     max_bytes=100_000,
+    acked=False,
 )
 MEDIA_OUT = Channel(
     "media.out",
@@ -85,6 +86,7 @@ MEDIA_OUT = Channel(
     description="The agent's audio as egress plays it out, paced in real time, for a bus-attached edge.",
     recorded=False,
     max_bytes=100_000,
+    acked=False,
 )
 AUDIO_IN = Channel(
     "audio.in",
@@ -96,6 +98,7 @@ AUDIO_IN = Channel(
         "per event, with the VAD's speech events in-band (each right after the frame it names)."
     ),
     max_bytes=4_096,  # a full UserAudio with the longest session id and largest numbers: 3411 bytes
+    acked=False,
 )
 AUDIO_OUT = Channel(
     "audio.out",
@@ -105,6 +108,7 @@ AUDIO_OUT = Channel(
     description="The agent's synthesised voice at the session's output rate, up to "
     f"{ev.AGENT_AUDIO_MAX_FRAMES} frames of {ev.FRAME_MS} ms per message.",
     max_bytes=100_000,
+    acked=False,
 )
 SPEECH = Channel(
     "speech",

@@ -290,6 +290,7 @@ def test_every_event_type_has_a_channel_and_channels_do_not_overlap() -> None:
     # a stage follows all conversation channels with one vb.<s>.* consumer and no audio comes with them
     assert all(c.name.count(".") == 0 for c in conversation)
     assert all(c.name.count(".") == 1 for c in media)
+    assert not any(c.acked for c in media)  # audio is never held up by the stream's ack
 
 
 def test_system_records_round_trip() -> None:

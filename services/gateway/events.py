@@ -50,7 +50,7 @@ async def stream(request: web.Request, bus: Bus, session: str, closing: asyncio.
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
     await response.prepare(request)
-    subscription = await bus.follow(sj.conversation(session), resume_after(request), collect)
+    subscription = await bus.follow([sj.conversation(session)], resume_after(request), collect)
     try:
         while not overflow.is_set():
             item = await _next(queue, closing)

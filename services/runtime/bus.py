@@ -225,15 +225,15 @@ class Bus:
     ) -> ev.Event:
         """Stamp, encode and publish ``event`` on its session's ``channel``; returns the stamped event.
 
-        Conversation events wait for the stream's ack (retried until ``PUBLISH_DEADLINE_S``); media and
-        the other channels that are not ``acked`` are sent without waiting. The current span's trace
-        context rides in the headers.
+        Events of ``acked`` channels wait for the stream's ack (retried until ``PUBLISH_DEADLINE_S``);
+        media and timing marks are sent without waiting. The current span's trace context rides in the
+        headers.
         """
         stamped = codec.stamp(event, self._next_seq(event.session, channel.name), time.time_ns())
         data = codec.encode(stamped)
         subject = channel.subject(event.session)
         hdrs = tracing.inject(headers)
-        if not channel.acked or channel.is_media:
+        if not channel.acked:
             await self.nc.publish(subject, data, headers=hdrs or None)
         else:
             hdrs[MSG_ID] = f"{event.session}.{channel.name}.{self.stage}.{stamped.seq}"
@@ -285,7 +285,7 @@ class Bus:
 
     # --- following --------------------------------------------------------------------------------
 
-    async def follow(self, subjects: str | list[str], after_seq: int, handler: Handler) -> Subscription:
+    async def follow(self, subjects: list[str], after_seq: int, handler: Handler) -> Subscription:
         """Deliver the events on ``subjects`` (one session's) after stream sequence ``after_seq``, in order.
 
         ``after_seq`` 0 starts at the beginning of the session.
@@ -293,7 +293,7 @@ class Bus:
         Bad messages are reported as ErrorEvents and skipped; a handler that raises is logged and
         counted, and the feed goes on with the next event.
         """
-        subject, *more = [subjects] if isinstance(subjects, str) else subjects
+        subject = subjects[0]
         session = subject.split(".")[1]
 
         async def on_msg(msg: Msg) -> None:
@@ -317,7 +317,7 @@ class Bus:
                 log.exception("handler failed on %s", type(event).__name__)
                 await self.report(session, "internal", f"{type(event).__name__}: {e}", subject=msg.subject)
 
-        config = ConsumerConfig(filter_subjects=[subject, *more] if more else None)
+        config = ConsumerConfig(filter_subjects=subjects if len(subjects) > 1 else None)
         policy = DeliverPolicy.ALL
         if after_seq > 0:
             policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, after_seq + 1

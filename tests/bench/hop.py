@@ -44,7 +44,7 @@ async def _receive(url: str, session: str, mode: str, count: int, ready: Any, ou
         record(codec.decode(msg.subject, msg.data))
 
     if mode == "jetstream":
-        sub = await bus.follow(sj.AUDIO_IN.subject(session), 0, on_event)
+        sub = await bus.follow([sj.AUDIO_IN.subject(session)], 0, on_event)
     else:
         sub = await bus.nc.subscribe(sj.AUDIO_IN.subject(session), cb=on_core)
     ready.set()
