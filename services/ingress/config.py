@@ -19,7 +19,14 @@ class IngressConfig:
     vad_model: str = setting(
         "VB_INGRESS_VAD_MODEL",
         "",
-        "Silero VAD ONNX file (v6 layout); default: the one inside faster-whisper.",
+        "Silero VAD ONNX file (Silero's export: input, state, sr); default: the 16 kHz one inside the "
+        "silero-vad package.",
+    )
+    vad_gather_ms: float = setting(
+        "VB_INGRESS_VAD_GATHER_MS",
+        20.0,
+        "How long the VAD gathers windows of different calls into one inference (0: each at once). "
+        "A window that can start or stop a speech segment never waits.",
     )
     threshold: float = setting(
         "VB_INGRESS_VAD_THRESHOLD", 0.5, "Speech probability at or above which a VAD window is speech."
@@ -80,6 +87,8 @@ class IngressConfig:
             raise ConfigError("VB_INGRESS_VAD_HYSTERESIS must be at least 0 and below the threshold")
         if self.min_speech_ms <= 0 or self.min_silence_ms <= 0:
             raise ConfigError("VB_INGRESS_MIN_SPEECH_MS and VB_INGRESS_MIN_SILENCE_MS must be positive")
+        if not 0.0 <= self.vad_gather_ms <= 100.0:
+            raise ConfigError("VB_INGRESS_VAD_GATHER_MS must be in [0, 100]")
         if self.resample_quality not in RESAMPLE_QUALITIES:
             raise ConfigError(f"VB_INGRESS_RESAMPLE_QUALITY must be one of {', '.join(RESAMPLE_QUALITIES)}")
         if self.file_tail_s < 0 or self.checkpoint_s <= 0:

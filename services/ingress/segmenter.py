@@ -63,6 +63,12 @@ class SpeechSegmenter:
         """Whether the last window pushed is speech of the open segment (not its trailing silence)."""
         return self.state.in_speech and self.state.silence_from == self.state.window
 
+    @property
+    def next_window_decides(self) -> bool:
+        """Whether the next window can complete a speech start or stop (the one result not to hold back)."""
+        s = self.state
+        return s.run + 1 >= (self.min_silence if s.in_speech else self.min_speech)
+
     def push(self, prob: float) -> Started | Stopped | None:
         """Classify the next window; returns the decision it completes, if any."""
         s = self.state

@@ -116,7 +116,7 @@ def main() -> int:
     """Run one ingress replica; the VAD model is loaded before the replica says it is ready."""
     try:
         cfg = load(IngressConfig, webrtc=load(WebRtcConfig), livekit=load(LiveKitConfig))
-        model = SileroVad.load(cfg.vad_model)
+        model = SileroVad.load(cfg.vad_model, cfg.vad_gather_ms / 1000)
     except (ConfigError, VadModelError) as e:
         print(f"ingress: {e}", file=sys.stderr)
         return 2

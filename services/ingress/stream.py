@@ -60,7 +60,7 @@ class CallerStream:
         trigger, and at the end of the stream.
         """
         for pcm in self._framer.push(samples, pad=last):
-            prob = await self._vad.push(pcm)
+            prob = await self._vad.push(pcm, urgent=self.segmenter.next_window_decides)
             # the state moves on in one step before publishing, so a save always sees it consistent
             index, change = self.next_frame, None
             self.next_frame += 1
