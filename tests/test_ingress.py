@@ -355,7 +355,7 @@ async def test_cost_and_latency_per_frame_are_measured(
                 report.append(f"edge -> frame published: p50 {p50:.2f} ms, p95 {p95:.2f} ms")
 
     metrics = scrape(proc.http_port)
-    windows = metrics["vb_ingress_vad_inference_seconds_count"]
+    windows = metrics["vb_ingress_vad_batch_windows_sum"]
     assert windows >= 2 * (len(audio) // 512)  # every 32 ms window went through Silero
     assert [f.index for f in tap.frames()] == list(range(frames_so_far))
     vad_us = metrics["vb_ingress_vad_inference_seconds_sum"] / windows * 1e6

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import time
 import wave
 from pathlib import Path
 
@@ -12,11 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proto import events as ev
 from proto.state import SpeechState
 from services.ingress import metrics as vad_metrics
 from services.ingress import vad as vad_module
 from services.ingress.audio import FRAME_SAMPLES, PCM, Framer, Resampler, WavError, read_wav, to_mono
+from services.ingress.config import IngressConfig
 from services.ingress.segmenter import SpeechSegmenter, Started, Stopped, windows
+from services.ingress.sources import BACKLOG_NS, BusSource
 from services.ingress.vad import STATE_SHAPE, SileroVad, VadModelError, VadStream
 
 DATA = Path(__file__).parent / "data"
@@ -209,6 +213,21 @@ def test_a_change_of_rate_flushes_the_previous_one() -> None:
 # --- WAV files ---------------------------------------------------------------------------------------
 
 
+async def test_caller_audio_stamped_long_ago_is_delivered_as_a_backlog() -> None:
+    """A successor reading the recording, or a replay faster than real time, is behind the caller."""
+    seen: list[bool] = []
+
+    async def deliver(samples: np.ndarray, arrived_ns: int, last: bool, *, behind: bool = False) -> None:
+        seen.append(behind)
+
+    source = BusSource(None, IngressConfig(), deliver)  # type: ignore[arg-type]
+    pcm = np.zeros(FRAME_SAMPLES, PCM).tobytes()
+    now = time.time_ns()
+    for sent_ns in (now, now - 2 * BACKLOG_NS):
+        await source.on_media(ev.CallerAudio(session="s", pcm=pcm, sample_rate=16000, ts=sent_ns))
+    assert seen == [False, True]
+
+
 def test_a_wav_at_another_rate_and_channel_count_becomes_16k_mono_whole_frames(tmp_path: Path) -> None:
     path = write_wav(tmp_path / "a.wav", np.repeat(tone(44100, 0.51), 2), 44100, channels=2)
     samples = read_wav(path)
@@ -299,14 +318,30 @@ async def test_sessions_sharing_the_model_at_once_each_get_their_own_windows(mod
     assert runs_after - runs < (windows_after - windows_run) / 2  # batches, not one window at a time
 
 
+WINDOW = np.zeros(512, PCM)
+
+
 async def test_a_window_that_can_decide_speech_is_not_held_for_a_batch() -> None:
     """A window gathering for a batch waits; an urgent one ends the gathering for both at once."""
     model = SileroVad.load(gather_s=3600.0)
-    state, window = np.zeros(STATE_SHAPE, np.float32), np.zeros(576, np.float32)
-    waiting = asyncio.ensure_future(model.infer_async(window, state))
-    urgent = model.infer_async(window, state, urgent=True)
+    calls = [VadStream(model) for _ in range(3)]  # a third call, silent: the batch is never full
+    waiting = asyncio.ensure_future(calls[0].push(WINDOW))
+    await asyncio.sleep(0)  # the first window is queued before the urgent one
+    urgent = calls[1].push(WINDOW, urgent=True)
     done = await asyncio.wait_for(asyncio.gather(waiting, urgent), 30.0)  # not an hour: not gathered
-    assert done[0][0] == done[1][0]
+    assert done[0] == done[1] is not None
+    assert len(model.streams) == 3
+
+
+async def test_a_batch_with_a_window_of_every_call_runs_at_once() -> None:
+    model = SileroVad.load(gather_s=3600.0)
+    alone = VadStream(model)
+    assert await asyncio.wait_for(alone.push(WINDOW), 30.0) is not None  # a lone call never waits
+    pair = [VadStream(model) for _ in range(2)]
+    del alone
+    assert len(model.streams) == 2  # a call that ended no longer counts
+    probs = await asyncio.wait_for(asyncio.gather(*(call.push(WINDOW) for call in pair)), 30.0)
+    assert probs[0] == probs[1] is not None
 
 
 @given(st.lists(st.floats(0.0, 1.0), max_size=60))
@@ -324,11 +359,12 @@ async def test_a_window_the_model_refuses_fails_only_its_own_session(model: Sile
     state = np.zeros(STATE_SHAPE, np.float32)
     good = np.zeros(576, np.float32)
     bad = np.zeros(100, np.float32)  # not a 512-sample window with its context
-    gathering = SileroVad.load(gather_s=0.005)  # the three windows go in one batch
-    results = await asyncio.gather(
+    gathering = SileroVad.load(gather_s=3600.0)
+    calls = [VadStream(gathering) for _ in range(4)]  # noqa: F841 (alive: the batch is never full)
+    results = await asyncio.gather(  # one batch: the third window ends the gathering
         gathering.infer_async(good, state),
         gathering.infer_async(bad, state),
-        gathering.infer_async(good, state),
+        gathering.infer_async(good, state, urgent=True),
         return_exceptions=True,
     )
     assert isinstance(results[1], Exception)

@@ -95,8 +95,8 @@ class IngressWorker(service.SessionWorker[IngressState]):
         self._started = True
         await self.source.start(position)
 
-    async def _deliver(self, samples: Samples, arrived_ns: int, last: bool) -> None:
-        await self.stream.push(samples, arrived_ns, last=last)
+    async def _deliver(self, samples: Samples, arrived_ns: int, last: bool, *, behind: bool = False) -> None:
+        await self.stream.push(samples, arrived_ns, last=last, behind=behind)
         if self.stream.at_boundary or time.monotonic() - self._checkpointed >= self.cfg.checkpoint_s:
             await self._checkpoint()
 

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -26,8 +26,21 @@ from services.runtime.service import SessionContext
 
 logger = logging.getLogger("voicebus.ingress")
 
-#: Hands samples to the session's stream: (16 kHz mono samples, wall-clock arrival in ns, end of stream).
-Deliver = Callable[[Samples, int, bool], Awaitable[None]]
+#: Caller audio older than this when it reaches the ingress is a backlog (a successor catching up from
+#: the recording, a replay faster than real time): its VAD windows are not held to be run with others.
+BACKLOG_NS = 100_000_000
+
+
+class Deliver(Protocol):
+    """Hands samples to the session's stream.
+
+    16 kHz mono samples, their wall-clock arrival (ns), whether they end the stream, and whether they
+    are ``behind`` (a backlog to catch up on).
+    """
+
+    def __call__(
+        self, samples: Samples, arrived_ns: int, last: bool, *, behind: bool = False
+    ) -> Awaitable[None]: ...
 
 
 class CallerSource:
@@ -67,11 +80,16 @@ class BusSource(CallerSource):
         self._resampler = Resampler(cfg.resample_quality)
 
     async def on_media(self, event: ev.Event) -> None:
-        """Resample the chunk (the resampler keeps its state across chunks) and deliver it."""
+        """Resample the chunk (the resampler keeps its state across chunks) and deliver it.
+
+        A chunk stamped by the edge more than ``BACKLOG_NS`` ago is behind (edge and ingress clocks
+        are assumed in sync to well within that).
+        """
         match event:
-            case ev.CallerAudio(pcm=pcm, sample_rate=rate, channels=channels, last=last):
+            case ev.CallerAudio(pcm=pcm, sample_rate=rate, channels=channels, last=last, ts=sent_ns):
                 arrived_ns = time.time_ns()
-                await self.deliver(self._resampler.push(pcm, rate, channels, last=last), arrived_ns, last)
+                samples = self._resampler.push(pcm, rate, channels, last=last)
+                await self.deliver(samples, arrived_ns, last, behind=arrived_ns - sent_ns > BACKLOG_NS)
 
 
 class FileSource(CallerSource):
@@ -112,12 +130,14 @@ class FileSource(CallerSource):
         t0 = position.t0_ns or time.time_ns()
         silence = np.zeros(FRAME_SAMPLES, PCM)
         for i in range(position.frame, total):
+            due_ns = t0 + i * period_ns
             # sleeping even when late yields to the loop while a successor catches up
-            await asyncio.sleep(max(0.0, (t0 + i * period_ns - time.time_ns()) / 1e9))
+            await asyncio.sleep(max(0.0, (due_ns - time.time_ns()) / 1e9))
             frame = audio[i * FRAME_SAMPLES : (i + 1) * FRAME_SAMPLES] if i < file_frames else silence
             self._position = SourcePosition(frame=i + 1, t0_ns=t0)
+            now = time.time_ns()
             try:
-                await self.deliver(frame, time.time_ns(), False)
+                await self.deliver(frame, now, False, behind=now - due_ns > BACKLOG_NS)
             except Exception as e:  # one frame's failure (a bus outage) must not stop the call's audio
                 logger.exception("file frame %d failed", i)
                 await self.ctx.report("internal", f"file source frame {i}: {e}")

@@ -53,14 +53,17 @@ class CallerStream:
         #: Set when a speech start or stop was published since the last ``save``.
         self.at_boundary = False
 
-    async def push(self, samples: Samples, arrived_ns: int, *, last: bool = False) -> None:
+    async def push(
+        self, samples: Samples, arrived_ns: int, *, last: bool = False, behind: bool = False
+    ) -> None:
         """Number the frames ``samples`` complete (all of them, padded, when the stream ``last`` ends).
 
         They are published when ``USER_AUDIO_MAX_FRAMES`` are held, before a speech start or stop they
-        trigger, and at the end of the stream.
+        trigger, and at the end of the stream. The VAD runs a window at once, without gathering it with
+        other calls', when it can decide a speech start or stop or when the audio is ``behind``.
         """
         for pcm in self._framer.push(samples, pad=last):
-            prob = await self._vad.push(pcm, urgent=self.segmenter.next_window_decides)
+            prob = await self._vad.push(pcm, urgent=behind or self.segmenter.next_window_decides)
             # the state moves on in one step before publishing, so a save always sees it consistent
             index, change = self.next_frame, None
             self.next_frame += 1

@@ -8,9 +8,11 @@ one by one (37 against 92 us a window here), and each window's result is bit-ide
 
 Inference runs on one dedicated thread (onnxruntime releases the GIL), so the event loop never waits
 on it. The thread gathers windows for up to ``gather_s`` after the first one comes, runs them in one
-batch, and hands each event loop its results in one call. A window that can complete a speech start
-or stop is ``urgent``: it ends the gathering at once, so the decisions a turn and a barge-in wait on
-are not held back; the others only reach the bus a few milliseconds later.
+batch, and hands each event loop its results in one call. Gathering ends early when every stream of
+the process has a window waiting (a lone call never waits), and at once for an ``urgent`` window:
+one that can complete a speech start or stop, so the decisions a turn and a barge-in wait on are not
+held back, or one of audio that is behind (a backlog to catch up on). The others reach the bus at
+most ``gather_s`` later.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import importlib.util
 import queue
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +85,9 @@ class SileroVad:
             np.zeros((1, CONTEXT_SAMPLES + WINDOW_SAMPLES), np.float32), np.zeros(STATE_SHAPE, np.float32)
         )
         self._requests: queue.SimpleQueue[Request] = queue.SimpleQueue()
-        self._urgent = threading.Event()
+        self._run_now = threading.Event()
+        #: The streams alive: a batch with a window of each cannot grow.
+        self.streams: weakref.WeakSet[VadStream] = weakref.WeakSet()
         threading.Thread(target=self._serve, name="vad", daemon=True).start()
 
     @classmethod
@@ -102,16 +107,16 @@ class SileroVad:
         """One window (576 samples with its context) on the model's thread, in the next batch."""
         done: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._requests.put((x, state, done))
-        if urgent:
-            self._urgent.set()
+        if urgent or self._requests.qsize() + 1 >= len(self.streams):  # +1: the one the thread holds
+            self._run_now.set()
         return await done
 
     def _serve(self) -> None:
         """The model's thread: gather windows, run them together, answer each loop once for all of them."""
         while True:
             batch = [self._requests.get()]
-            self._urgent.wait(self.gather_s)
-            self._urgent.clear()  # an urgent window queued from here on sets it again
+            self._run_now.wait(self.gather_s)
+            self._run_now.clear()  # a window queued from here on may set it again
             while not self._requests.empty():
                 batch.append(self._requests.get_nowait())
             answers: dict[asyncio.AbstractEventLoop, list[Answer]] = {}
@@ -149,6 +154,7 @@ class VadStream:
 
     def __init__(self, model: SileroVad, *, state: bytes = b"", pending: bytes = b"") -> None:
         self.model = model
+        model.streams.add(self)
         size = int(np.prod(STATE_SHAPE))
         if state:
             saved = np.frombuffer(state, np.float32)
@@ -162,7 +168,8 @@ class VadStream:
     async def push(self, frame: Samples, *, urgent: bool = False) -> float | None:
         """The speech probability of the window this frame completes, or None if it completes none.
 
-        ``urgent``: the window can decide a speech start or stop, so it is not gathered with others.
+        ``urgent``: the window is not to be held for a batch (it can decide a speech start or stop, or
+        the audio is behind).
         """
         buffered = np.concatenate((self._pending, frame))
         if len(buffered) < WINDOW_SAMPLES:
