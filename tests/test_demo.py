@@ -49,6 +49,9 @@ def conversation(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Turn], 
     utterances = demo.caller_turns(demo.CALLER)[:3]
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("VB_NATS_URL", raising=False)
+        # the toy LLM sampled at the demo's temperature now and then babbles syllables no listener (and
+        # no Whisper) could repeat; greedy, its replies are words and the same every run
+        mp.setenv("VB_LLM_TEMPERATURE", "0")
         import asyncio
 
         turns = asyncio.run(demo.run(out, utterances, quiet=True))
