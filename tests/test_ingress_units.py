@@ -344,14 +344,21 @@ async def test_a_batch_with_a_window_of_every_call_runs_at_once() -> None:
     assert probs[0] == probs[1] is not None
 
 
+def can_decide(seg: SpeechSegmenter, windows_ahead: int) -> bool:
+    """Whether some run of the next ``windows_ahead`` windows completes a start or stop."""
+    for extreme in (0.0, 1.0):
+        ahead = copy.deepcopy(seg)
+        if ahead.push(extreme) is not None or (windows_ahead > 1 and can_decide(ahead, windows_ahead - 1)):
+            return True
+    return False
+
+
 @given(st.lists(st.floats(0.0, 1.0), max_size=60))
-def test_the_segmenter_says_which_windows_can_decide(probs: list[float]) -> None:
-    """Exactly the windows it calls deciding can complete a start or stop (at one extreme or the other)."""
+def test_the_segmenter_says_when_a_decision_is_near(probs: list[float]) -> None:
+    """Exactly the windows it calls deciding soon are within two windows of a possible start or stop."""
     seg = segmenter()
     for prob in probs:
-        deciding = seg.next_window_decides
-        can = any(copy.deepcopy(seg).push(extreme) is not None for extreme in (0.0, 1.0))
-        assert deciding == can
+        assert seg.deciding_soon == can_decide(seg, 2)
         seg.push(prob)
 
 

@@ -64,10 +64,14 @@ class SpeechSegmenter:
         return self.state.in_speech and self.state.silence_from == self.state.window
 
     @property
-    def next_window_decides(self) -> bool:
-        """Whether the next window can complete a speech start or stop (the one result not to hold back)."""
+    def deciding_soon(self) -> bool:
+        """Whether one of the next two windows can complete a speech start or stop.
+
+        Their VAD results are not held back: a window held while the frame completing the next one
+        arrives (20 ms later, at times) would delay the deciding one behind it.
+        """
         s = self.state
-        return s.run + 1 >= (self.min_silence if s.in_speech else self.min_speech)
+        return s.run + 2 >= (self.min_silence if s.in_speech else self.min_speech)
 
     def push(self, prob: float) -> Started | Stopped | None:
         """Classify the next window; returns the decision it completes, if any."""

@@ -60,10 +60,10 @@ class CallerStream:
 
         They are published when ``USER_AUDIO_MAX_FRAMES`` are held, before a speech start or stop they
         trigger, and at the end of the stream. The VAD runs a window at once, without gathering it with
-        other calls', when it can decide a speech start or stop or when the audio is ``behind``.
+        other calls', when a speech start or stop is at most two windows away or the audio is ``behind``.
         """
         for pcm in self._framer.push(samples, pad=last):
-            prob = await self._vad.push(pcm, urgent=behind or self.segmenter.next_window_decides)
+            prob = await self._vad.push(pcm, urgent=behind or self.segmenter.deciding_soon)
             # the state moves on in one step before publishing, so a save always sees it consistent
             index, change = self.next_frame, None
             self.next_frame += 1
