@@ -26,7 +26,7 @@ class IngressConfig:
         "VB_INGRESS_VAD_GATHER_MS",
         20.0,
         "How long the VAD gathers windows of different calls into one inference (0: each at once). "
-        "A window that can start or stop a speech segment never waits.",
+        "Windows near a possible speech start or stop, a lone call's and audio that is behind never wait.",
     )
     threshold: float = setting(
         "VB_INGRESS_VAD_THRESHOLD", 0.5, "Speech probability at or above which a VAD window is speech."

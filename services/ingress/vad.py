@@ -10,9 +10,9 @@ Inference runs on one dedicated thread (onnxruntime releases the GIL), so the ev
 on it. The thread gathers windows for up to ``gather_s`` after the first one comes, runs them in one
 batch, and hands each event loop its results in one call. Gathering ends early when every stream of
 the process has a window waiting (a lone call never waits), and at once for an ``urgent`` window:
-one that can complete a speech start or stop, so the decisions a turn and a barge-in wait on are not
-held back, or one of audio that is behind (a backlog to catch up on). The others reach the bus at
-most ``gather_s`` later.
+one within two windows of a possible speech start or stop, so the decisions a turn and a barge-in
+wait on are not held back, or one of audio that is behind (a backlog to catch up on). The others
+reach the bus at most ``gather_s`` later.
 """
 
 from __future__ import annotations
