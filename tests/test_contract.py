@@ -287,7 +287,8 @@ def test_every_event_type_has_a_channel_and_channels_do_not_overlap() -> None:
     assert len(patterns) == len(set(patterns))
     conversation = [c for c in sj.CHANNELS if not c.is_media]
     media = [c for c in sj.CHANNELS if c.is_media]
-    # a stage follows all conversation channels with one vb.<s>.* consumer and no audio comes with them
+    # conversation channels have one token after the session (the edge follows them all on vb.<s>.*,
+    # with no audio), media channels two
     assert all(c.name.count(".") == 0 for c in conversation)
     assert all(c.name.count(".") == 1 for c in media)
     assert not any(c.acked for c in media)  # audio is never held up by the stream's ack

@@ -324,13 +324,13 @@ WINDOW = np.zeros(512, PCM)
 async def test_a_window_that_can_decide_speech_is_not_held_for_a_batch() -> None:
     """A window gathering for a batch waits; an urgent one ends the gathering for both at once."""
     model = SileroVad.load(gather_s=3600.0)
-    calls = [VadStream(model) for _ in range(3)]  # a third call, silent: the batch is never full
-    waiting = asyncio.ensure_future(calls[0].push(WINDOW))
-    await asyncio.sleep(0)  # the first window is queued before the urgent one
-    urgent = calls[1].push(WINDOW, urgent=True)
-    done = await asyncio.wait_for(asyncio.gather(waiting, urgent), 30.0)  # not an hour: not gathered
+    calls = [VadStream(model) for _ in range(5)]  # three more calls, silent: the batch is never full
+    # gather starts the pushes in order, each running until it has queued its window: the first one
+    # is gathering when the urgent one comes
+    pushes = asyncio.gather(calls[0].push(WINDOW), calls[1].push(WINDOW, urgent=True))
+    done = await asyncio.wait_for(pushes, 30.0)  # not an hour: not gathered
     assert done[0] == done[1] is not None
-    assert len(model.streams) == 3
+    assert len(model.streams) == 5
 
 
 async def test_a_batch_with_a_window_of_every_call_runs_at_once() -> None:
@@ -362,18 +362,19 @@ def test_the_segmenter_says_when_a_decision_is_near(probs: list[float]) -> None:
         seg.push(prob)
 
 
-async def test_a_window_the_model_refuses_fails_only_its_own_session(model: SileroVad) -> None:
+async def test_a_window_the_model_refuses_fails_only_its_own_session() -> None:
     state = np.zeros(STATE_SHAPE, np.float32)
     good = np.zeros(576, np.float32)
     bad = np.zeros(100, np.float32)  # not a 512-sample window with its context
     gathering = SileroVad.load(gather_s=3600.0)
-    calls = [VadStream(gathering) for _ in range(4)]  # noqa: F841 (alive: the batch is never full)
-    results = await asyncio.gather(  # one batch: the third window ends the gathering
+    _alive = [VadStream(gathering) for _ in range(8)]  # the batch of three is never full
+    batch = asyncio.gather(  # one batch: the third window ends the gathering
         gathering.infer_async(good, state),
         gathering.infer_async(bad, state),
         gathering.infer_async(good, state, urgent=True),
         return_exceptions=True,
     )
+    results = await asyncio.wait_for(batch, 30.0)
     assert isinstance(results[1], Exception)
     assert [type(r) for r in (results[0], results[2])] == [tuple, tuple]
     assert results[0][0] == results[2][0]  # type: ignore[index]
